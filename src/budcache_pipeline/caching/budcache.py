@@ -1,0 +1,382 @@
+"""Apply a fixed-budget cache policy to a diffusers transformer through `diffusers.hooks`.
+
+On a compute step the block stack runs and its residual (output minus input, per
+stream) is stored; on a cached step no block runs and the stack's output is its
+input plus the stored residual, while the embedders, `norm_out` and `proj_out`
+still run with the current timestep. The step index is found by matching the
+call's timestep against the schedule, so a caller that skips or repeats calls
+cannot silently shift the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+from diffusers.hooks._helpers import TransformerBlockRegistry
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+
+from budcache_pipeline.policy import CachePolicy
+
+ROOT_HOOK = "budcache_root"
+BLOCK_HOOK = "budcache_block"
+DEFAULT_CONTEXT = "default"
+_RUNTIME_ATTR = "_budcache_runtime"
+_MATCH_RELATIVE_TOLERANCE = 8e-3
+
+
+class BudCacheError(RuntimeError):
+    """The pipeline's call does not fit the enabled policy (schedule, steps or call order)."""
+
+
+@dataclass(frozen=True)
+class ContextSnapshot:
+    """What a cache context carries from one step to the next: the step and its stored residuals."""
+
+    step: int
+    residual_hidden: torch.Tensor | None
+    residual_encoder: torch.Tensor | None
+    computed: int
+
+
+class _ContextState(BaseState):
+    """Per cache-context (cond / uncond) state shared by the root and block hooks."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        self.step = -1
+        self.compute = True
+        self.residual_hidden: torch.Tensor | None = None
+        self.residual_encoder: torch.Tensor | None = None
+        self.head_hidden: torch.Tensor | None = None
+        self.head_encoder: torch.Tensor | None = None
+
+
+class BudCacheRuntime:
+    """Handle on an enabled policy: its mask, the schedule it matches, counters and snapshots."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        mask: list[bool],
+        sigmas: list[float] | None,
+        scheduler: Any | None,
+    ) -> None:
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.state_manager = StateManager(_ContextState)
+        self._mask: tuple[bool, ...] = ()
+        self._schedule: torch.Tensor | None = None
+        self.counts: dict[str, int] = {}
+        self.mask = mask
+        self.schedule = sigmas
+
+    @property
+    def mask(self) -> tuple[bool, ...]:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: list[bool] | tuple[bool, ...]) -> None:
+        mask = tuple(bool(m) for m in mask)
+        if not mask or not mask[0]:
+            raise BudCacheError("the mask must compute step 0: there is nothing cached before it")
+        self._mask = mask
+
+    @property
+    def steps(self) -> int:
+        return len(self._mask)
+
+    @property
+    def schedule(self) -> torch.Tensor | None:
+        """The sigmas (steps + 1, ending at 0) that calls are matched against."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, sigmas: list[float] | torch.Tensor | None) -> None:
+        if sigmas is None:
+            self._schedule = None
+            return
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
+        if len(sigmas) != self.steps + 1:
+            raise BudCacheError(
+                f"schedule has {len(sigmas)} sigmas but the mask has {self.steps} steps: pass steps + 1 sigmas"
+            )
+        self._schedule = sigmas
+
+    def compute_counts(self) -> dict[str, int]:
+        """Block-stack computations per cache context since that context last started at step 0.
+
+        Kept apart from the hook state, which pipelines reset when a generation ends.
+        """
+        return dict(self.counts)
+
+    def snapshot(self) -> dict[str, ContextSnapshot]:
+        """Everything a later call needs to continue this rollout, per cache context."""
+        return {
+            name: ContextSnapshot(state.step, state.residual_hidden, state.residual_encoder, self.counts.get(name, 0))
+            for name, state in self.state_manager._state_cache.items()
+        }
+
+    def restore(self, snapshot: dict[str, ContextSnapshot]) -> None:
+        """Continue from a snapshot taken by `snapshot()` (possibly under a different mask)."""
+        self.reset()
+        for name, snap in snapshot.items():
+            state = _ContextState()
+            state.step = snap.step
+            state.residual_hidden = snap.residual_hidden
+            state.residual_encoder = snap.residual_encoder
+            self.counts[name] = snap.computed
+            self.state_manager._state_cache[name] = state
+
+    def reset(self) -> None:
+        self.state_manager._state_cache.clear()
+        self.counts.clear()
+
+    def _current_schedule(self) -> torch.Tensor:
+        if self.scheduler is not None:
+            live = self.scheduler.sigmas
+            if live is None or len(live) - 1 != self.steps:
+                found = "no schedule" if live is None else f"{len(live) - 1} steps"
+                raise BudCacheError(
+                    f"the pipeline runs {found} but the policy was built for {self.steps}: "
+                    f"call it with num_inference_steps={self.steps} and the policy's sigmas"
+                )
+            live = live.detach().to("cpu", torch.float64)
+            if self._schedule is not None and not torch.allclose(live, self._schedule, rtol=1e-4, atol=1e-6):
+                raise BudCacheError(
+                    "the pipeline's sigmas differ from the policy's schedule: pass "
+                    "budcache_pipeline.caching.pipeline_sigmas(pipe, policy) as `sigmas=`"
+                )
+            return live
+        if self._schedule is None:
+            raise BudCacheError("no schedule to match timesteps against: give the policy sigmas or enable on a pipeline")
+        return self._schedule
+
+    def resolve_step(self, timestep: torch.Tensor | float, previous_step: int) -> int:
+        """The index of `timestep` in the schedule (sigma units, or 1000x sigma for models that take t)."""
+        value = float(torch.as_tensor(timestep).detach().float().max())
+        sigmas = self._current_schedule()[:-1]
+        sigma = value if value <= 1.0 + 1e-6 else value / 1000.0
+        distance = (sigmas - sigma).abs()
+        tolerance = _MATCH_RELATIVE_TOLERANCE * sigmas.abs() + 1e-6
+        candidates = torch.nonzero(distance <= tolerance).flatten().tolist()
+        if not candidates:
+            raise BudCacheError(
+                f"timestep {value:.6g} is not in the policy's schedule "
+                f"(sigmas {sigmas[0].item():.4g} … {sigmas[-1].item():.4g}, {self.steps} steps): "
+                "run the pipeline with the policy's number of steps and sigmas"
+            )
+        if previous_step + 1 in candidates:
+            return previous_step + 1
+        return min(candidates, key=lambda i: distance[i].item())
+
+
+class _RootHook(ModelHook):
+    """Reads the timestep of each transformer call and decides compute or reuse for it."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: BudCacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.state_manager = runtime.state_manager
+        self._own_context = False
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict[str, Any]]:
+        self._own_context = self.state_manager._context is None
+        if self._own_context:
+            self.state_manager.set_context(CacheContext(DEFAULT_CONTEXT))
+        timestep = kwargs.get("timestep")
+        if timestep is None:
+            raise BudCacheError("BudCache needs the transformer to be called with `timestep=` as a keyword")
+        state: _ContextState = self.state_manager.get_state()
+        step = self.runtime.resolve_step(timestep, state.step)
+        if step == 0:
+            state.reset()
+        elif state.residual_hidden is None and not self.runtime.mask[step]:
+            raise BudCacheError(
+                f"step {step} is cached but no step before it computed in context "
+                f"'{self.state_manager.context.name}': start generations at the first sigma"
+            )
+        state.step = step
+        state.compute = self.runtime.mask[step]
+        name = self.state_manager.context.name
+        self.runtime.counts[name] = (0 if step == 0 else self.runtime.counts.get(name, 0)) + int(state.compute)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self._own_context:
+            self.state_manager.set_context(None)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+class _BlockHook(ModelHook):
+    """Runs or skips one block; the first block injects cached output, the last stores residuals."""
+
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager, is_head: bool, is_tail: bool) -> None:
+        super().__init__()
+        self.state_manager = state_manager
+        self.is_head = is_head
+        self.is_tail = is_tail
+        self._metadata: Any = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._metadata = TransformerBlockRegistry.get(module.__class__)
+        return module
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        meta = self._metadata
+        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+        encoder = None
+        if meta.return_encoder_hidden_states_index is not None:
+            encoder = meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+        return hidden, encoder
+
+    def _as_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+        meta = self._metadata
+        if meta.return_encoder_hidden_states_index is None:
+            return hidden
+        output: list[Any] = [None, None]
+        output[meta.return_hidden_states_index] = hidden
+        output[meta.return_encoder_hidden_states_index] = encoder
+        return tuple(output)
+
+    def _split_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        meta = self._metadata
+        if meta.return_encoder_hidden_states_index is None:
+            return (output[meta.return_hidden_states_index] if isinstance(output, tuple) else output), None
+        return output[meta.return_hidden_states_index], output[meta.return_encoder_hidden_states_index]
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state: _ContextState = self.state_manager.get_state()
+        hidden, encoder = self._inputs(args, kwargs)
+        if state.compute:
+            if self.is_head:
+                state.head_hidden, state.head_encoder = hidden, encoder
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            if self.is_tail:
+                out_hidden, out_encoder = self._split_output(output)
+                state.residual_hidden = out_hidden - state.head_hidden
+                state.residual_encoder = (
+                    out_encoder - state.head_encoder
+                    if out_encoder is not None and state.head_encoder is not None
+                    else None
+                )
+                state.head_hidden = state.head_encoder = None
+            return output
+        if self.is_head:
+            hidden = hidden + state.residual_hidden
+            if encoder is not None and state.residual_encoder is not None:
+                encoder = encoder + state.residual_encoder
+        return self._as_output(hidden, encoder)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+def _transformer_and_scheduler(pipe_or_transformer: Any) -> tuple[torch.nn.Module, Any | None]:
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer, getattr(pipe_or_transformer, "scheduler", None)
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return pipe_or_transformer, None
+    raise TypeError(f"expected a diffusers pipeline or transformer, got {type(pipe_or_transformer).__name__}")
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer's blocks in execution order, from the block lists diffusers' cache hooks know."""
+    blocks = []
+    for name, child in transformer.named_children():
+        if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList):
+            blocks.extend((f"{name}.{i}", block) for i, block in enumerate(child))
+    if not blocks:
+        raise TypeError(
+            f"{type(transformer).__name__} has no block list that diffusers' cache hooks know "
+            f"({sorted(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)})"
+        )
+    for name, block in blocks:
+        try:
+            TransformerBlockRegistry.get(block.__class__)
+        except ValueError as exc:
+            raise TypeError(f"block {name} ({type(block).__name__}) is not registered with diffusers' hooks") from exc
+    return blocks
+
+
+def enable_budcache(
+    pipe_or_transformer: Any,
+    policy: CachePolicy,
+    check_fingerprint: bool = False,
+) -> BudCacheRuntime:
+    """Apply `policy` to a pipeline's transformer (or a bare transformer); returns the runtime handle.
+
+    Given a pipeline, each generation is checked against the pipeline's live scheduler
+    (number of steps and, when the policy carries them, its sigmas). Given a bare
+    transformer, the policy must carry sigmas to match timesteps against.
+    """
+    transformer, scheduler = _transformer_and_scheduler(pipe_or_transformer)
+    if get_runtime(transformer) is not None:
+        raise BudCacheError("BudCache is already enabled on this transformer: call disable_budcache first")
+    if scheduler is None and policy.sigmas is None:
+        raise BudCacheError(
+            "the policy has no sigmas and no pipeline scheduler was given: pass the pipeline, not its transformer"
+        )
+    if check_fingerprint:
+        from budcache_pipeline.policy import model_fingerprint
+
+        found = model_fingerprint(transformer)
+        if found != policy.model_fingerprint:
+            raise BudCacheError(
+                f"policy was searched for model fingerprint {policy.model_fingerprint}, this transformer is {found}"
+            )
+    blocks = transformer_blocks(transformer)
+    runtime = BudCacheRuntime(transformer, list(policy.mask), list(policy.sigmas) if policy.sigmas else None, scheduler)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_RootHook(runtime), ROOT_HOOK)
+    for index, (_, block) in enumerate(blocks):
+        hook = _BlockHook(runtime.state_manager, is_head=index == 0, is_tail=index == len(blocks) - 1)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    setattr(transformer, _RUNTIME_ATTR, runtime)
+    return runtime
+
+
+def get_runtime(pipe_or_transformer: Any) -> BudCacheRuntime | None:
+    """The runtime of an enabled policy, or None."""
+    transformer, _ = _transformer_and_scheduler(pipe_or_transformer)
+    return getattr(transformer, _RUNTIME_ATTR, None)
+
+
+def _drop_empty_registry(module: torch.nn.Module) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or registry.hooks:
+        return
+    del module._diffusers_hook
+    forward = module.__dict__.get("forward")
+    if getattr(forward, "__func__", None) is type(module).forward:
+        del module.forward
+
+
+def disable_budcache(pipe_or_transformer: Any) -> None:
+    """Remove BudCache's hooks; the transformer is left as it was before `enable_budcache`."""
+    transformer, _ = _transformer_and_scheduler(pipe_or_transformer)
+    if get_runtime(transformer) is None:
+        raise BudCacheError("BudCache is not enabled on this transformer")
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.remove_hook(ROOT_HOOK, recurse=False)
+    for _, block in transformer_blocks(transformer):
+        HookRegistry.check_if_exists_or_initialize(block).remove_hook(BLOCK_HOOK, recurse=False)
+        _drop_empty_registry(block)
+    registry.invalidate_child_registries_cache()
+    _drop_empty_registry(transformer)
+    delattr(transformer, _RUNTIME_ATTR)

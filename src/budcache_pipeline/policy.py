@@ -1,0 +1,255 @@
+"""Cache policies: which steps of a sampler compute the transformer's block stack.
+
+A policy is the product's unit of deployment: it is searched offline, registered,
+pulled by a deployment job and applied to a stock diffusers pipeline. It therefore
+has a strict, versioned JSON form that is byte-stable and rejects anything that
+could make a deployment behave differently from the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+_FLOAT_DIGITS = 9
+_TOP_LEVEL_FIELDS = {"schema_version", "mask", "budget", "steps", "sigmas", "model", "provenance"}
+_MODEL_FIELDS = {"name", "fingerprint"}
+
+
+class PolicyError(ValueError):
+    """A policy file or object that must not be deployed; the message names the field and the fix."""
+
+
+def _round_floats(value: Any) -> Any:
+    """Round floats so that a save/load/save cycle writes identical bytes."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PolicyError(f"non-finite number {value!r} in policy: replace it with a finite value")
+        return float(f"{value:.{_FLOAT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {k: _round_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round_floats(v) for v in value]
+    return value
+
+
+def model_fingerprint(transformer: torch.nn.Module) -> str:
+    """Identify a transformer by its class, config and parameter shapes/dtypes.
+
+    Two models that share this fingerprint run the same computation graph, so a
+    policy searched on one is valid on the other; weights are not hashed because
+    deployments load the same architecture in other precisions or devices.
+    """
+    config = getattr(transformer, "config", {})
+    config_items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    shapes = [(name, list(p.shape)) for name, p in transformer.named_parameters()]
+    payload = json.dumps(
+        {"class": type(transformer).__name__, "config": config_items, "parameters": shapes},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """A fixed-budget step mask: `mask[i]` is True when step i computes the block stack."""
+
+    mask: tuple[bool, ...]
+    model_name: str
+    model_fingerprint: str
+    sigmas: tuple[float, ...] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", tuple(self.mask))
+        if self.sigmas is not None:
+            object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        _validate(self.to_dict())
+
+    @property
+    def steps(self) -> int:
+        return len(self.mask)
+
+    @property
+    def budget(self) -> int:
+        return sum(self.mask)
+
+    @property
+    def compute_steps(self) -> list[int]:
+        return [i for i, m in enumerate(self.mask) if m]
+
+    @classmethod
+    def uniform(
+        cls,
+        steps: int,
+        budget: int,
+        model_name: str = "unknown",
+        model_fingerprint: str = "unknown",
+        sigmas: list[float] | None = None,
+    ) -> CachePolicy:
+        """Evenly spaced compute steps, step 0 included: the simplest policy at a budget."""
+        return cls(
+            mask=tuple(uniform_mask(steps, budget)),
+            model_name=model_name,
+            model_fingerprint=model_fingerprint,
+            sigmas=tuple(sigmas) if sigmas is not None else None,
+        )
+
+    def with_provenance(self, **entries: Any) -> CachePolicy:
+        """A copy with provenance entries added (scores, search settings, ...)."""
+        return replace(self, provenance={**self.provenance, **entries})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "mask": list(self.mask),
+            "budget": self.budget,
+            "steps": self.steps,
+            "sigmas": list(self.sigmas) if self.sigmas is not None else None,
+            "model": {"name": self.model_name, "fingerprint": self.model_fingerprint},
+            "provenance": self.provenance,
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, fixed float precision, trailing newline."""
+        return json.dumps(_round_floats(self.to_dict()), sort_keys=True, indent=2) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CachePolicy:
+        _validate(data)
+        return cls(
+            mask=tuple(data["mask"]),
+            model_name=data["model"]["name"],
+            model_fingerprint=data["model"]["fingerprint"],
+            sigmas=tuple(data["sigmas"]) if data["sigmas"] is not None else None,
+            provenance=data["provenance"],
+            schema_version=data["schema_version"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> CachePolicy:
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"policy is not valid JSON ({exc}): write it with CachePolicy.save") from exc
+        return cls.from_dict(data)
+
+
+def _reject_constant(name: str) -> float:
+    raise PolicyError(f"non-finite number {name} in policy: replace it with a finite value")
+
+
+def uniform_mask(steps: int, budget: int) -> list[bool]:
+    """Budget compute steps spread evenly over `steps`, always including step 0."""
+    if not 1 <= budget <= steps:
+        raise PolicyError(f"budget must be between 1 and steps={steps}, got {budget}")
+    positions = {round(i * steps / budget) for i in range(budget)}
+    return [i in positions for i in range(steps)]
+
+
+def provenance_now(code_version: str | None = None, **entries: Any) -> dict[str, Any]:
+    """Standard provenance block: creation time and code version plus caller entries."""
+    from budcache_pipeline import __version__
+
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version or __version__,
+        **entries,
+    }
+
+
+def _require_type(name: str, value: Any, kind: type | tuple[type, ...], fix: str) -> None:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise PolicyError(f"field '{name}' must be {fix}, got a boolean")
+    if not isinstance(value, kind):
+        raise PolicyError(f"field '{name}' must be {fix}, got {type(value).__name__}")
+
+
+def _validate(data: Any) -> None:
+    """Reject every policy that could not be deployed exactly as searched."""
+    if not isinstance(data, dict):
+        raise PolicyError(f"policy must be a JSON object, got {type(data).__name__}")
+    missing = sorted(_TOP_LEVEL_FIELDS - data.keys())
+    if missing:
+        raise PolicyError(f"missing field(s) {missing}: a policy needs all of {sorted(_TOP_LEVEL_FIELDS)}")
+    unknown = sorted(data.keys() - _TOP_LEVEL_FIELDS)
+    if unknown:
+        raise PolicyError(f"unknown field(s) {unknown}: remove them (allowed: {sorted(_TOP_LEVEL_FIELDS)})")
+
+    version = data["schema_version"]
+    _require_type("schema_version", version, int, "an integer")
+    if version != SCHEMA_VERSION:
+        raise PolicyError(
+            f"field 'schema_version' is {version}, this version of budcache reads {SCHEMA_VERSION}: "
+            "re-export the policy with a matching budcache version"
+        )
+
+    mask, steps, budget = data["mask"], data["steps"], data["budget"]
+    _require_type("mask", mask, list, "a list of booleans")
+    if not mask or not all(isinstance(m, bool) for m in mask):
+        raise PolicyError("field 'mask' must be a non-empty list of true/false values, one per step")
+    _require_type("steps", steps, int, "an integer")
+    _require_type("budget", budget, int, "an integer")
+    if len(mask) != steps:
+        raise PolicyError(f"field 'mask' has {len(mask)} entries but 'steps' is {steps}: give one entry per step")
+    if budget != sum(mask):
+        raise PolicyError(
+            f"field 'budget' is {budget} but 'mask' has {sum(mask)} compute steps: set budget to the count of true"
+        )
+    if not mask[0]:
+        raise PolicyError("field 'mask' caches step 0, which has nothing to reuse: set mask[0] to true")
+
+    sigmas = data["sigmas"]
+    if sigmas is not None:
+        _require_type("sigmas", sigmas, list, "a list of numbers or null")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas):
+            raise PolicyError("field 'sigmas' must contain only numbers")
+        if not all(math.isfinite(s) for s in sigmas):
+            raise PolicyError("field 'sigmas' contains NaN or infinity: use finite values")
+        if len(sigmas) != steps + 1:
+            raise PolicyError(f"field 'sigmas' has {len(sigmas)} values, expected steps + 1 = {steps + 1}")
+        if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+            raise PolicyError("field 'sigmas' must be strictly decreasing: sort it and remove repeats")
+        if sigmas[-1] != 0:
+            raise PolicyError(f"field 'sigmas' must end at 0, ends at {sigmas[-1]}: append the final 0")
+
+    model = data["model"]
+    _require_type("model", model, dict, "an object with 'name' and 'fingerprint'")
+    if set(model) != _MODEL_FIELDS:
+        raise PolicyError(f"field 'model' must have exactly the keys {sorted(_MODEL_FIELDS)}, got {sorted(model)}")
+    for key in sorted(_MODEL_FIELDS):
+        _require_type(f"model.{key}", model[key], str, "a string")
+
+    provenance = data["provenance"]
+    _require_type("provenance", provenance, dict, "an object")
+    _round_floats(provenance)
+
+
+def load_policy(path: str | Path) -> CachePolicy:
+    """Read and validate a policy file; raises PolicyError naming the field and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"policy file {path} does not exist")
+    return CachePolicy.from_json(path.read_text())
+
+
+def policy_schema() -> dict[str, Any]:
+    """The JSON Schema shipped with the package, for tools outside Python."""
+    return json.loads(resources.files("budcache_pipeline").joinpath("schemas/policy.schema.json").read_text())

@@ -1,0 +1,115 @@
+"""Policy files are the deployment contract: byte-stable and strict about what they accept."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from budcache_pipeline import CachePolicy, PolicyError, load_policy, model_fingerprint
+from budcache_pipeline.policy import policy_schema, uniform_mask
+from tests.conftest import tiny_flux_pipeline, tiny_sd3_transformer
+
+SIGMAS = [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def valid() -> dict:
+    policy = CachePolicy(
+        mask=(True, False, True, False),
+        model_name="tiny",
+        model_fingerprint="abc",
+        sigmas=SIGMAS,
+        provenance={"scores": {"holdout_mse": 0.1234567891234}},
+    )
+    return json.loads(policy.to_json())
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "policy.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_json_round_trip_is_byte_stable(tmp_path):
+    policy = CachePolicy.from_dict(valid())
+    path = policy.save(tmp_path / "p.json")
+    again = load_policy(path)
+    assert again == policy
+    assert again.to_json() == path.read_text()
+    assert again.budget == 2 and again.steps == 4 and again.compute_steps == [0, 2]
+
+
+def test_shipped_json_schema_accepts_a_saved_policy():
+    jsonschema.validate(valid(), policy_schema())
+
+
+def test_uniform_mask_spreads_the_budget_and_includes_step_zero():
+    mask = uniform_mask(28, 7)
+    assert sum(mask) == 7 and mask[0]
+    assert [i for i, m in enumerate(mask) if m] == [0, 4, 8, 12, 16, 20, 24]
+    with pytest.raises(PolicyError, match="budget must be between 1 and steps=28"):
+        uniform_mask(28, 0)
+
+
+def test_fingerprint_follows_architecture_not_weights():
+    a, b = tiny_flux_pipeline(seed=0).transformer, tiny_flux_pipeline(seed=1).transformer
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(tiny_sd3_transformer())
+
+
+def mutate(**changes):
+    data = valid()
+    for key, value in changes.items():
+        if value is KeyError:
+            del data[key]
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (mutate(schema_version=2), "'schema_version' is 2, this version of budcache reads 1"),
+        (mutate(mask=[True, False, True]), "'mask' has 3 entries but 'steps' is 4"),
+        (mutate(budget=3), "'budget' is 3 but 'mask' has 2 compute steps: set budget to the count of true"),
+        (mutate(mask=[False, True, True, False]), "caches step 0.*set mask\\[0\\] to true"),
+        (mutate(sigmas=[1.0, 0.5, 0.75, 0.25, 0.0]), "'sigmas' must be strictly decreasing"),
+        (mutate(sigmas=[1.0, 0.75, 0.5, 0.25, 0.1]), "'sigmas' must end at 0"),
+        (mutate(sigmas=[1.0, 0.75, 0.5, 0.0]), "'sigmas' has 4 values, expected steps \\+ 1 = 5"),
+        (mutate(sigmas=KeyError), "missing field\\(s\\) \\['sigmas'\\]"),
+        (mutate(extra=1), "unknown field\\(s\\) \\['extra'\\]"),
+        (mutate(steps="4"), "'steps' must be an integer, got str"),
+        (mutate(mask=[1, 0, 1, 0]), "'mask' must be a non-empty list of true/false"),
+        (mutate(model={"name": "tiny"}), "'model' must have exactly the keys"),
+        (mutate(provenance=[]), "'provenance' must be an object"),
+        ([1, 2], "policy must be a JSON object"),
+    ],
+)
+def test_load_policy_rejects_bad_files_naming_the_field(tmp_path, data, message):
+    with pytest.raises(PolicyError, match=message):
+        load_policy(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "policy is not valid JSON"),
+        (json.dumps(valid()).replace("0.75", "NaN"), "non-finite number NaN"),
+        (json.dumps(valid()).replace("0.75", "Infinity"), "non-finite number Infinity"),
+    ],
+)
+def test_load_policy_rejects_non_json_and_non_finite_numbers(tmp_path, text, message):
+    with pytest.raises(PolicyError, match=message):
+        load_policy(write(tmp_path, text))
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PolicyError, match="does not exist"):
+        load_policy(tmp_path / "nope.json")
+
+
+def test_non_finite_provenance_cannot_be_saved():
+    with pytest.raises(PolicyError, match="non-finite number nan"):
+        CachePolicy(mask=(True,), model_name="m", model_fingerprint="f", provenance={"loss": float("nan")})
