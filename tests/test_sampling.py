@@ -69,3 +69,12 @@ def test_bad_resume_points_and_batches_are_rejected(flux_pipe, batch):
         rollout(batch.denoiser, runtime, batch.noise, sigmas[-11:])
     with pytest.raises(ValueError, match="one seed per prompt"):
         prepare_batch(flux_pipe, ["a", "b"], [0], SIZE, SIZE)
+
+
+def test_plain_rollout_equals_a_full_budget_policy(flux_pipe, batch):
+    sigmas = torch.tensor(flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE))
+    plain = rollout(batch.denoiser, None, batch.noise, sigmas)
+    runtime = enable_budcache(flux_pipe.transformer, CachePolicy.uniform(STEPS, STEPS, sigmas=sigmas.tolist()))
+    assert torch.equal(rollout(batch.denoiser, runtime, batch.noise, sigmas).final, plain.final)
+    with pytest.raises(ValueError, match="needs a BudCache runtime"):
+        rollout(batch.denoiser, None, batch.noise, sigmas, mask=[True] * STEPS)

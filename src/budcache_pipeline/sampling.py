@@ -46,9 +46,16 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tenso
     return (latents.to(torch.float32) + (sigma_next - sigma) * velocity).to(velocity.dtype)
 
 
+def _plain_rollout(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor) -> Rollout:
+    x = latents
+    for i in range(len(sigmas) - 1):
+        x = euler_step(x, denoiser.velocity(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+    return Rollout(final=x, states={}, computed_steps=len(sigmas) - 1)
+
+
 def rollout(
     denoiser: Denoiser,
-    runtime: BudCacheRuntime,
+    runtime: BudCacheRuntime | None,
     latents: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     mask: Sequence[bool] | None = None,
@@ -57,10 +64,16 @@ def rollout(
 ) -> Rollout:
     """Run steps `start.step` (or 0) to the end under `mask`, capturing the states after the steps in `capture`.
 
-    `sigmas` may require grad (schedule alignment backpropagates through the rollout).
+    With `runtime=None` the transformer runs as it is (uncached, or under another
+    cache such as diffusers' own hooks). `sigmas` may require grad: schedule
+    alignment backpropagates through the rollout.
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32) if not torch.is_tensor(sigmas) else sigmas
     steps = len(sigmas) - 1
+    if runtime is None:
+        if mask is not None or start is not None:
+            raise ValueError("a mask or a resume state needs a BudCache runtime")
+        return _plain_rollout(denoiser, latents, sigmas)
     if mask is not None:
         runtime.mask = mask
     if runtime.steps != steps:
