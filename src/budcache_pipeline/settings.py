@@ -1,0 +1,16 @@
+"""Kedro project settings, and the budget ladder that shapes the pipelines.
+
+Kedro builds pipelines before it loads parameters, so anything that changes the
+pipeline's structure (one namespaced `search` copy per budget) is set here.
+"""
+
+from kedro.config import OmegaConfigLoader
+
+BUDGETS: tuple[int, ...] = (14, 10, 7, 5)
+"""Compute-step budgets to search, one namespaced pipeline copy (`budget_<B>`) each."""
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+}
