@@ -1,0 +1,184 @@
+"""Cache-aware schedule alignment: learn the sigmas for a fixed mask.
+
+At tight budgets a cached step reuses a residual computed at a very different noise
+level; moving the sigmas can shrink that mismatch. With the mask fixed, the
+steps + 1 sigmas are a cumulative sum of softmax increments between fixed anchors,
+so they stay strictly decreasing with fixed endpoints whatever the optimiser does,
+and the final-latent loss is minimised by backpropagating through the Euler rollout.
+The "segment" variant anchors every compute step's sigma too and only re-spaces
+the cached steps inside each segment. A learned schedule is kept only when it also
+wins on held-out pairs (`accept_alignment`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from budcache_pipeline.policy import CachePolicy
+from budcache_pipeline.sampling import rollout
+from budcache_pipeline.search.objective import MaskObjective, budcache_session
+from budcache_pipeline.search.reference import ReferenceSet
+
+VARIANTS = ("full", "segment")
+_SIGMA_DIGITS = 9  # the precision a policy file keeps: what is evaluated is what is deployed
+
+
+@dataclass
+class AlignmentResult:
+    """Learned sigmas (steps + 1, the schedule the transformer sees) and calibration losses before/after."""
+
+    sigmas: list[float]
+    loss_before: float
+    loss_after: float
+    variant: str
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def improved(self) -> bool:
+        return self.loss_after < self.loss_before
+
+
+def anchors(mask: Sequence[bool], variant: str) -> list[int]:
+    """Sigma indices that stay fixed: the endpoints, plus every compute step for "segment"."""
+    steps = len(mask)
+    if variant == "full":
+        return [0, steps]
+    if variant == "segment":
+        return [i for i, m in enumerate(mask) if m] + [steps]
+    raise ValueError(f"unknown alignment variant {variant!r}: use one of {VARIANTS}")
+
+
+def sigmas_from_logits(base: torch.Tensor, logits: torch.Tensor, fixed: Sequence[int]) -> torch.Tensor:
+    """Sigmas equal to `base` at the anchors, strictly decreasing softmax-spaced in between."""
+    pieces = [base[:1]]
+    for a, b in zip(fixed, fixed[1:]):
+        fractions = torch.cumsum(torch.softmax(logits[a:b], dim=0), dim=0)[:-1]
+        pieces.append(base[a] - (base[a] - base[b]) * fractions)
+        pieces.append(base[b : b + 1])
+    return torch.cat(pieces)
+
+
+def _rounded(sigmas: torch.Tensor) -> list[float]:
+    values = [float(f"{float(s):.{_SIGMA_DIGITS}g}") for s in sigmas]
+    values[-1] = 0.0
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError("learned sigmas are not strictly decreasing at policy precision: lower the learning rate")
+    return values
+
+
+class _Rollouts:
+    """Differentiable cached rollouts of a reference under a fixed mask."""
+
+    def __init__(self, pipe: Any, reference: ReferenceSet, mask: Sequence[bool]) -> None:
+        self.objective = MaskObjective(pipe, reference, max_cached_states=0)
+        self.mask = [bool(m) for m in mask]
+        if len(self.mask) != reference.steps:
+            raise ValueError(f"mask has {len(self.mask)} entries, the reference has {reference.steps} steps")
+        if not self.mask[0]:
+            raise ValueError("the mask must compute step 0: there is nothing cached before it")
+
+    def loss(self, sigmas: torch.Tensor) -> torch.Tensor:
+        o = self.objective
+        with budcache_session(o.pipe.transformer, sigmas.detach().tolist()) as runtime:
+            final = rollout(o.denoiser, runtime, o.noise, sigmas, mask=self.mask).final
+        return o.loss(final, o.target).mean()
+
+
+def align_schedule(
+    pipe: Any,
+    reference: ReferenceSet,
+    mask: Sequence[bool],
+    *,
+    variant: str = "full",
+    iterations: int = 40,
+    lr: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+) -> AlignmentResult:
+    """Sigmas that minimise the calibration loss of `mask` (never worse than the reference's).
+
+    Adam on the softmax logits of the sigma increments, full batch; the best schedule
+    seen is returned at policy precision, and its loss is re-measured at that precision.
+    `seed` fixes torch's RNG for the run.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown alignment variant {variant!r}: use one of {VARIANTS}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    torch.manual_seed(seed)
+    runs = _Rollouts(pipe, reference, mask)
+    device = runs.objective.sigmas.device
+    base = torch.tensor(reference.sigmas, dtype=torch.float64, device=device)
+    fixed = anchors(runs.mask, variant)
+    logits = torch.log(base[:-1] - base[1:]).clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([logits], lr=lr)
+    parameters = list(pipe.transformer.parameters())
+    trainable = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        history: list[float] = []
+        best_value, best = float("inf"), base
+        for step in tqdm(range(iterations + 1), desc=f"align {variant}", disable=not progress):
+            sigmas = sigmas_from_logits(base, logits, fixed)
+            if step < iterations:
+                optimiser.zero_grad()
+                loss = runs.loss(sigmas.float())
+                loss.backward()
+                optimiser.step()
+            else:
+                with torch.no_grad():
+                    loss = runs.loss(sigmas.float())
+            history.append(loss.item())
+            if history[-1] < best_value:
+                best_value, best = history[-1], sigmas.detach().clone()
+        with torch.no_grad():
+            loss_before = float(runs.loss(base.float()))
+            best_sigmas = _rounded(best)
+            best_loss = float(runs.loss(torch.tensor(best_sigmas, dtype=torch.float32, device=device)))
+        if best_loss >= loss_before:
+            best_sigmas, best_loss = [float(s) for s in reference.sigmas], loss_before
+    finally:
+        for p, flag in zip(parameters, trainable):
+            p.requires_grad_(flag)
+    return AlignmentResult(best_sigmas, loss_before, best_loss, variant, history)
+
+
+def holdout_losses(
+    pipe: Any, holdout: ReferenceSet, mask: Sequence[bool], sigmas: Sequence[float]
+) -> tuple[float, float]:
+    """Held-out loss of `mask` with the reference's sigmas and with `sigmas` (for `accept_alignment`)."""
+    before = MaskObjective(pipe, holdout, max_cached_states=0)(mask)
+    after = MaskObjective(pipe, holdout, max_cached_states=0, sigmas=sigmas)(mask)
+    return before, after
+
+
+def accept_alignment(
+    result: AlignmentResult,
+    holdout_objective_loss_before: float,
+    holdout_loss_after: float,
+    min_relative_gain: float = 0.0,
+) -> bool:
+    """Keep learned sigmas only if they lower both the calibration and the held-out loss."""
+    return result.improved and holdout_loss_after < holdout_objective_loss_before * (1.0 - min_relative_gain)
+
+
+def aligned_policy(policy: CachePolicy, result: AlignmentResult) -> CachePolicy:
+    """`policy` carrying the learned sigmas, with the alignment recorded in its provenance."""
+    return replace(
+        policy,
+        sigmas=tuple(result.sigmas),
+        provenance={
+            **policy.provenance,
+            "alignment": {
+                "variant": result.variant,
+                "loss_before": result.loss_before,
+                "loss_after": result.loss_after,
+            },
+        },
+    )

@@ -1,0 +1,453 @@
+"""Multi-start SA + HC search for one budget: orchestration, checkpoints, convergence record, cost.
+
+The paper's search depends on its initial mask, so every start (DP, uniform,
+front-loaded, random, and any caller-given mask such as a TeaCache-derived one)
+runs annealing then hill climbing, and the result reports the spread of their
+final losses. Cost is what limits this on small machines, so the starts anneal in
+lockstep on a small screening subset (their proposals share forwards), a start that
+falls clearly behind the leader can be retired early (racing), and every decision
+that fixes the result (initial and final losses, each hill-climbing step) is made
+on the full calibration set.
+
+A search is a pure function of its inputs and seed; the checkpoint holds the RNG
+states, masks and memoised losses, so a killed search resumes and ends with the
+same policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from budcache_pipeline.policy import CachePolicy, provenance_now
+from budcache_pipeline.search.annealing import AnnealState, anneal_many, evaluate_many
+from budcache_pipeline.search.hill_climbing import CONFIRM, FAR_JUMPS, ClimbState, climb_round
+from budcache_pipeline.search.objective import MaskObjective, key_mask, mask_key
+from budcache_pipeline.search.starts import (
+    BUILTIN_STARTS,
+    SearchSetupError,
+    check_mask,
+    normalise_forced,
+    start_mask,
+)
+
+DEFAULT_STARTS = ("dp", "uniform", "front_loaded", "random")
+SA_CHUNK = 25
+DEFAULT_SCREEN_SAMPLES = 4
+DEFAULT_RACE_MARGIN = 0.25
+CHECKPOINT_VERSION = 1
+HISTORY_COLUMNS = ["iteration", "phase", "start", "objective", "temperature", "current_loss", "best_loss"]
+_DETERMINISTIC_COST_KEYS = (
+    "evaluations",
+    "memo_hits",
+    "block_stack_calls",
+    "block_stack_calls_naive",
+    "saved_fraction",
+    "start_block_stack_calls",
+    "calibration_pairs",
+    "screen_pairs",
+)
+
+
+@dataclass
+class SearchResult:
+    """The best mask over all starts, each start's outcome, the convergence record and the search cost."""
+
+    mask: list[bool]
+    loss: float
+    budget: int
+    steps: int
+    starts: list[dict[str, Any]]
+    history: pd.DataFrame
+    cost: dict[str, Any]
+
+    @property
+    def spread(self) -> dict[str, Any]:
+        """How much the outcome depends on the start: min/max/mean/std of the starts' final losses."""
+        finals = [s["final_loss"] for s in self.starts]
+        best = min(range(len(finals)), key=lambda k: finals[k])
+        return {
+            "min": min(finals),
+            "max": max(finals),
+            "mean": statistics.fmean(finals),
+            "std": statistics.pstdev(finals),
+            "best_start": self.starts[best]["start"],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mask": list(self.mask),
+            "loss": self.loss,
+            "budget": self.budget,
+            "steps": self.steps,
+            "starts": self.starts,
+            "history": self.history.to_dict(orient="records"),
+            "cost": self.cost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchResult:
+        return cls(
+            mask=[bool(m) for m in data["mask"]],
+            loss=float(data["loss"]),
+            budget=int(data["budget"]),
+            steps=int(data["steps"]),
+            starts=data["starts"],
+            history=_history_frame(data["history"]),
+            cost=data["cost"],
+        )
+
+
+def _history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype({"temperature": float})
+
+
+class _Checkpoint:
+    """The search's resumable state in one JSON file, written atomically."""
+
+    def __init__(self, path: Path | None, signature: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.signature = signature
+        self.data: dict[str, Any] = {"version": CHECKPOINT_VERSION, "signature": signature, "chains": []}
+        if self.path is not None and self.path.exists():
+            stored = json.loads(self.path.read_text())
+            if stored.get("version") != CHECKPOINT_VERSION or stored.get("signature") != signature:
+                differing = sorted(
+                    k for k in signature.keys() | stored.get("signature", {}).keys()
+                    if signature.get(k) != stored.get("signature", {}).get(k)
+                )
+                raise SearchSetupError(
+                    f"checkpoint {self.path} belongs to another search (differs in {differing or ['version']}): "
+                    "delete it or pass another checkpoint path"
+                )
+            self.data = stored
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)
+
+
+class _CostMeter:
+    """Block-stack work in full-batch forwards, summed over the objectives a search uses."""
+
+    def __init__(self, objective: MaskObjective, screen: MaskObjective | None, prior: dict[str, Any] | None) -> None:
+        self.objective, self.screen = objective, screen
+        self.prior = prior or {}
+        self.started = time.perf_counter()
+        self.base = {id(o): dict(o.stats) for o in self._objectives()}
+
+    def _objectives(self) -> list[MaskObjective]:
+        return [self.objective] + ([self.screen] if self.screen is not None else [])
+
+    def now(self) -> dict[str, Any]:
+        total = {"evaluations": 0, "memo_hits": 0, "block_stack_calls": 0.0, "block_stack_calls_naive": 0.0}
+        for objective in self._objectives():
+            base, stats = self.base[id(objective)], objective.stats
+            weight = len(objective) / len(self.objective)
+            total["evaluations"] += stats["evaluations"] - base["evaluations"]
+            total["memo_hits"] += stats["memo_hits"] - base["memo_hits"]
+            for key in ("block_stack_calls", "block_stack_calls_naive"):
+                total[key] += (stats[key] - base[key]) * weight
+        start = self.objective.stats.get("start_block_stack_calls", 0.0) - self.base[id(self.objective)].get(
+            "start_block_stack_calls", 0.0
+        )
+        cost = {
+            "evaluations": self.prior.get("evaluations", 0) + total["evaluations"],
+            "memo_hits": self.prior.get("memo_hits", 0) + total["memo_hits"],
+            "start_block_stack_calls": self.prior.get("start_block_stack_calls", 0.0) + start,
+            "wall_seconds": self.prior.get("wall_seconds", 0.0) + time.perf_counter() - self.started,
+            "calibration_pairs": len(self.objective),
+            "screen_pairs": len(self.screen) if self.screen is not None else 0,
+        }
+        for key in ("block_stack_calls", "block_stack_calls_naive"):
+            cost[key] = self.prior.get(key, 0.0) + total[key] + start
+        naive = cost["block_stack_calls_naive"]
+        cost["saved_fraction"] = 1.0 - cost["block_stack_calls"] / naive if naive else 0.0
+        return cost
+
+
+def _starts(
+    objective: MaskObjective,
+    budget: int,
+    forced: tuple[int, ...],
+    starts: Sequence[str],
+    extra_starts: dict[str, Sequence[bool]] | None,
+) -> dict[str, list[bool] | None]:
+    """Start names in order, with the masks given by the caller (built-in ones are built lazily)."""
+    names: dict[str, list[bool] | None] = {}
+    for name in starts:
+        if name not in BUILTIN_STARTS:
+            raise SearchSetupError(f"unknown start {name!r}: use one of {BUILTIN_STARTS} or pass it in extra_starts")
+        if name in names:
+            raise SearchSetupError(f"start {name!r} is listed twice")
+        names[name] = None
+    for name, mask in (extra_starts or {}).items():
+        if name in names:
+            raise SearchSetupError(f"extra start {name!r} clashes with a start of the same name: rename it")
+        names[name] = check_mask(mask, objective.steps, budget, forced, name=f"extra start {name!r}")
+    if not names:
+        raise SearchSetupError("no starts given: pass at least one start or extra start")
+    return names
+
+
+def search_policy(
+    objective: MaskObjective,
+    budget: int,
+    *,
+    starts: Sequence[str] = DEFAULT_STARTS,
+    extra_starts: dict[str, list[bool]] | None = None,
+    forced: Sequence[int] = (0,),
+    seed: int = 0,
+    sa_iterations: int = 200,
+    t_start: float = 5e-2,
+    t_end: float = 1e-5,
+    hc_rounds: int = 20,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    screen_samples: int | None = DEFAULT_SCREEN_SAMPLES,
+    race_margin: float | None = DEFAULT_RACE_MARGIN,
+    dp_samples: int = DEFAULT_SCREEN_SAMPLES,
+    hc_confirm: int = CONFIRM,
+    hc_far_jumps: int = FAR_JUMPS,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> SearchResult:
+    """Best mask with exactly `budget` compute steps, by SA then HC from each start.
+
+    All starts anneal in lockstep, chunk by chunk, their proposals sharing forwards.
+    `screen_samples`: anneal on that many evenly strided calibration pairs and let HC
+    rank its neighbours on them, confirming the best `hc_confirm` on the full set; every
+    start's initial and final loss and every HC decision use the full set (None:
+    everything on the full set). `race_margin`: after each chunk past the first quarter
+    of annealing, retire a start whose best loss is more than this fraction above the
+    leader's (None: every start runs to the end). `callback` is called after every
+    checkpoint with where the search is (raising from it stops the search; the
+    checkpoint stays).
+    """
+    steps = objective.steps
+    if budget > steps:
+        raise SearchSetupError(f"budget {budget} exceeds the {steps} steps of the reference")
+    forced_positions = normalise_forced(forced, steps, budget)
+    if sa_iterations < 0 or hc_rounds < 0:
+        raise SearchSetupError("sa_iterations and hc_rounds must be >= 0")
+    if race_margin is not None and race_margin < 0:
+        raise SearchSetupError(f"race_margin must be >= 0 or None, got {race_margin}")
+    names = _starts(objective, budget, forced_positions, starts, extra_starts)
+    only = None
+    if budget == len(forced_positions) or budget == steps:
+        # A single mask fits: nothing to search.
+        only = [p in forced_positions for p in range(steps)] if budget < steps else [True] * steps
+        sa_iterations = hc_rounds = 0
+    screen = objective.subset(screen_samples) if screen_samples else None
+    screen = screen if screen is not objective else None
+    sa_objective = screen or objective
+    signature = {
+        "budget": budget,
+        "steps": steps,
+        "forced": list(forced_positions),
+        "starts": {name: mask_key(mask) if mask is not None else None for name, mask in names.items()},
+        "seed": seed,
+        "sa_iterations": sa_iterations,
+        "t_start": t_start,
+        "t_end": t_end,
+        "hc_rounds": hc_rounds,
+        "screen_pairs": len(screen) if screen is not None else 0,
+        "race_margin": race_margin,
+        "dp_samples": dp_samples,
+        "hc_confirm": hc_confirm,
+        "hc_far_jumps": hc_far_jumps,
+        "reference": objective.reference.manifest.get("prompts_seeds_sha256"),
+        "model_fingerprint": objective.reference.manifest.get("model_fingerprint"),
+        "sigmas": objective.schedule,
+        "loss": getattr(objective.loss, "__qualname__", repr(objective.loss)),
+    }
+    state = _Checkpoint(checkpoint, signature)
+    if state.data.get("result") is not None:
+        return SearchResult.from_dict(state.data["result"])
+    objective.load_memo(state.data.get("memo", {}).get("full", {}))
+    if screen is not None:
+        screen.load_memo(state.data.get("memo", {}).get("screen", {}))
+    meter = _CostMeter(objective, screen, state.data.get("cost"))
+    source = "screen" if screen is not None else "full"
+    total = len(names) * (sa_iterations + hc_rounds)
+    bar = tqdm(total=total, desc=f"search B={budget}", unit="it", disable=not progress)
+
+    def save(where: dict[str, Any]) -> None:
+        state.data["memo"] = {
+            "full": {k: v for k, v in objective.memo().items() if k.count("1") == budget},
+            "screen": {k: v for k, v in screen.memo().items() if k.count("1") == budget} if screen else {},
+        }
+        state.data["cost"] = meter.now()
+        state.save()
+        if callback is not None:
+            callback(where)
+
+    chains: list[dict[str, Any]] = state.data.setdefault("chains", [])
+    if not chains:
+        initial = {
+            name: given if given is not None else only if only is not None
+            else start_mask(name, objective, budget, forced_positions, seed, dp_samples)
+            for name, given in names.items()
+        }
+        full_losses = objective.evaluate_many(list(initial.values()))
+        sa_losses = evaluate_many(sa_objective, list(initial.values()))
+        for (name, mask), full_loss, sa_loss in zip(initial.items(), full_losses, sa_losses):
+            chains.append({
+                "start": name,
+                "initial": mask_key(mask),
+                "initial_loss": full_loss,
+                "status": "sa",
+                "retired_at": None,
+                "sa": AnnealState.begin(mask, sa_loss, random.Random(f"{seed}:{name}:sa")).to_dict(),
+                "history": [],
+            })
+        save({"phase": "start", "iteration": 0})
+    bar.update(sum(
+        sa_iterations + hc_rounds if c["status"] in ("retired", "done")
+        else c["sa"]["iteration"] + (c.get("hc") or {}).get("round", 0)
+        for c in chains
+    ))
+
+    def record(index: int, row: dict[str, Any], running: list[dict[str, Any]]) -> None:
+        chain = running[index]
+        chain["history"].append({"iteration": row["iteration"], "phase": "sa", "start": chain["start"],
+                                 "objective": source, "temperature": row["temperature"],
+                                 "current_loss": row["current_loss"], "best_loss": row["best_loss"]})
+        bar.update(1)
+
+    while True:
+        running = [c for c in chains if c["status"] == "sa" and c["sa"]["iteration"] < sa_iterations]
+        if not running:
+            break
+        stop = min(running[0]["sa"]["iteration"] + SA_CHUNK, sa_iterations)
+        states = anneal_many(
+            sa_objective, [AnnealState.from_dict(c["sa"]) for c in running], forced_positions, sa_iterations,
+            t_start, t_end, stop, lambda index, row: record(index, row, running),
+        )
+        for chain, new in zip(running, states):
+            chain["sa"] = new.to_dict()
+        if race_margin is not None and stop >= sa_iterations / 4 and stop < sa_iterations:
+            leader = min(c["sa"]["best_loss"] for c in running)
+            for chain in running:
+                if chain["sa"]["best_loss"] > leader * (1 + race_margin):
+                    chain["status"], chain["retired_at"] = "retired", stop
+                    bar.update(sa_iterations - stop + hc_rounds)
+        bar.set_postfix(best=f"{min(c['sa']['best_loss'] for c in running):.4g}")
+        save({"phase": "sa", "iteration": stop})
+
+    pending = [c for c in chains if "sa_loss" not in c]
+    if pending:
+        bests = [key_mask(c["sa"]["best"]) for c in pending]
+        for chain, loss in zip(pending, objective.evaluate_many(bests)):
+            chain["sa_loss"] = loss
+            if chain["status"] == "sa":
+                begin, begin_loss = (chain["sa"]["best"], loss) if loss <= chain["initial_loss"] else (
+                    chain["initial"], chain["initial_loss"])
+                chain["status"] = "hc"
+                rng = random.Random(f"{seed}:{chain['start']}:hc")
+                chain["hc"] = ClimbState.begin(key_mask(begin), begin_loss, rng).to_dict()
+        save({"phase": "hc", "iteration": 0})
+
+    for chain in chains:
+        if chain["status"] != "hc":
+            continue
+        hc_state = ClimbState.from_dict(chain["hc"])
+        while not hc_state.done and hc_state.round < hc_rounds:
+            hc_state = climb_round(objective, hc_state, forced_positions, screen, hc_confirm, far_jumps=hc_far_jumps)
+            chain["history"].append({"iteration": sa_iterations + hc_state.round - 1, "phase": "hc",
+                                     "start": chain["start"], "objective": "full", "temperature": None,
+                                     "current_loss": hc_state.current_loss, "best_loss": hc_state.current_loss})
+            chain["hc"] = hc_state.to_dict()
+            bar.update(1)
+            bar.set_postfix(start=chain["start"], best=f"{hc_state.current_loss:.4g}")
+            save({"start": chain["start"], "phase": "hc", "iteration": hc_state.round})
+        bar.update(hc_rounds - hc_state.round)
+        chain["status"] = "done"
+    bar.close()
+
+    outcomes = []
+    for chain in chains:
+        finished = chain.get("hc")
+        if finished:
+            mask, loss = finished["current"], finished["current_loss"]
+        else:
+            mask, loss = chain["sa"]["best"], chain["sa_loss"]
+        outcomes.append({
+            "start": chain["start"],
+            "initial_loss": chain["initial_loss"],
+            "sa_loss": chain["sa_loss"],
+            "final_loss": loss,
+            "mask": key_mask(mask),
+            "initial_mask": key_mask(chain["initial"]),
+            "retired_at": chain["retired_at"],
+            "hc_rounds": finished["round"] if finished else 0,
+        })
+    best = min(range(len(outcomes)), key=lambda k: outcomes[k]["final_loss"])
+    result = SearchResult(
+        mask=list(outcomes[best]["mask"]),
+        loss=outcomes[best]["final_loss"],
+        budget=budget,
+        steps=steps,
+        starts=outcomes,
+        history=_history_frame([row for chain in chains for row in chain["history"]]),
+        cost=meter.now(),
+    )
+    state.data["result"] = result.to_dict()
+    state.save()
+    return result
+
+
+def result_to_policy(
+    result: SearchResult,
+    *,
+    model_name: str,
+    model_fingerprint: str,
+    sigmas: Sequence[float] | None,
+    settings: dict[str, Any],
+    scores: dict[str, Any],
+    created_at: str | None = None,
+) -> CachePolicy:
+    """The deployable policy of a search, with settings, scores, starts and cost in its provenance.
+
+    Wall time is left out so that the same inputs and seed give the same bytes; pass
+    `created_at` as well for a byte-identical file (default: now).
+    """
+    cost = {k: result.cost[k] for k in _DETERMINISTIC_COST_KEYS if k in result.cost}
+    starts = [
+        {
+            "start": s["start"],
+            "initial_loss": s["initial_loss"],
+            "final_loss": s["final_loss"],
+            "mask": mask_key(s["mask"]),
+        }
+        for s in result.starts
+    ]
+    entries: dict[str, Any] = {
+        "search": settings,
+        "scores": scores,
+        "cost": cost,
+        "starts": starts,
+        "start_spread": result.spread,
+    }
+    if created_at is not None:
+        entries["created_at"] = created_at
+    return CachePolicy(
+        mask=tuple(result.mask),
+        model_name=model_name,
+        model_fingerprint=model_fingerprint,
+        sigmas=tuple(sigmas) if sigmas is not None else None,
+        provenance=provenance_now(**entries),
+    )

@@ -1,0 +1,386 @@
+"""The search objective: mean final-latent loss of a cached rollout against the teacher, made cheap.
+
+The search evaluates thousands of masks that differ from each other in one or two
+positions. Three things keep that affordable without changing a single number:
+every calibration pair runs in one batched forward; losses are memoised by mask;
+and the state after each step (latent plus stored residuals) is kept per mask
+prefix in a bounded LRU, so a candidate resumes from its longest known prefix and
+only reruns the steps after its first difference. Resuming is exact: the state
+after step k depends only on the first k mask entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from budcache_pipeline.caching import BudCacheRuntime, ContextSnapshot, disable_budcache, enable_budcache, get_runtime
+from budcache_pipeline.models.flux import FluxDenoiser, prepare_batch
+from budcache_pipeline.policy import CachePolicy, model_fingerprint
+from budcache_pipeline.sampling import RolloutState, euler_step
+from budcache_pipeline.search.reference import ReferenceError, ReferenceSet, check_uncached
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_TEACHER_RELATIVE_TOLERANCE = 1e-3
+
+
+def latent_mse_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error over all latent elements (the paper's objective)."""
+    return (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def mask_key(mask: Sequence[bool]) -> str:
+    """Compact, hashable, JSON-friendly form of a mask ('1' = compute)."""
+    return "".join("1" if m else "0" for m in mask)
+
+
+def key_mask(key: str) -> list[bool]:
+    return [c == "1" for c in key]
+
+
+@contextmanager
+def budcache_session(transformer: torch.nn.Module, sigmas: Sequence[float]) -> Iterator[BudCacheRuntime]:
+    """BudCache hooks on `transformer` for the duration of a block, so the pipe is left untouched afterwards."""
+    check_uncached(transformer)
+    steps = len(sigmas) - 1
+    policy = CachePolicy(mask=(True,) * steps, model_name="search", model_fingerprint="search", sigmas=list(sigmas))
+    runtime = enable_budcache(transformer, policy)
+    try:
+        yield runtime
+    finally:
+        if get_runtime(transformer) is runtime:
+            disable_budcache(transformer)
+
+
+class MaskObjective:
+    """Mean loss between cached and teacher final latents over a reference set, for any mask.
+
+    `stats`: `evaluations` (rollouts actually run), `memo_hits`, `block_stack_calls`
+    (compute steps actually run, each over the whole reference batch; candidates
+    batched into one forward count once each) and `block_stack_calls_naive` (what the
+    same evaluations cost as full rollouts), `wall_seconds`; search starts add
+    `start_block_stack_calls` (in full-batch units) and `start_wall_seconds`.
+    `sigmas` overrides the reference's schedule (to score learned schedules against
+    the same teachers); `max_rows_per_forward` bounds how many candidate rows share a
+    forward (memory on big models).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        reference: ReferenceSet,
+        loss: Loss = latent_mse_per_sample,
+        max_cached_states: int = 256,
+        *,
+        sigmas: Sequence[float] | None = None,
+        max_rows_per_forward: int = 1024,
+    ) -> None:
+        if len(reference) == 0:
+            raise ReferenceError("the reference set is empty: give at least one (prompt, seed) pair")
+        expected = reference.manifest.get("model_fingerprint")
+        found = model_fingerprint(pipe.transformer)
+        if expected is not None and expected != found:
+            raise ReferenceError(
+                f"the reference was computed for model fingerprint {expected}, this pipe's transformer is {found}: "
+                "recompute the reference for this model"
+            )
+        if max_cached_states < 0:
+            raise ValueError(f"max_cached_states must be >= 0, got {max_cached_states}")
+        self.pipe = pipe
+        self.reference = reference
+        self.loss = loss
+        self.max_cached_states = max_cached_states
+        self.steps = reference.steps
+        schedule = list(reference.sigmas if sigmas is None else sigmas)
+        if len(schedule) != self.steps + 1:
+            raise ValueError(f"sigmas must hold steps + 1 = {self.steps + 1} values, got {len(schedule)}")
+        self.schedule = [float(s) for s in schedule]
+        transformer = pipe.transformer
+        device = transformer.device
+        self.sigmas = torch.tensor(self.schedule, dtype=torch.float32, device=device)
+        batch = prepare_batch(pipe, reference.prompts, reference.seeds, reference.height, reference.width)
+        if batch.noise.shape != reference.noise.shape:
+            raise ReferenceError(
+                f"this pipe draws noise of shape {tuple(batch.noise.shape)} but the reference holds "
+                f"{tuple(reference.noise.shape)}: recompute the reference for this model and size"
+            )
+        if not torch.allclose(batch.noise.cpu().float(), reference.noise.float(), rtol=1e-5, atol=1e-6):
+            raise ReferenceError("this pipe draws other noise for the reference's seeds: recompute the reference")
+        self.denoiser = batch.denoiser
+        self.noise = reference.noise.to(device=device, dtype=transformer.dtype)
+        self.target = reference.final.to(device=device)
+        self._memo: dict[str, float] = {}
+        self._states: OrderedDict[str, RolloutState] = OrderedDict()
+        self._pinned: set[str] = set()
+        self._teacher: list[torch.Tensor] | None = None
+        self._tiles: dict[int, Any] = {}
+        self.max_rows_per_forward = max_rows_per_forward
+        self._candidates_per_forward = max(1, max_rows_per_forward // len(reference))
+        self.cache: dict[Any, Any] = {}  # derived data valid as long as this objective is (subsets, DP edges)
+        self.stats: dict[str, float] = {
+            "evaluations": 0,
+            "memo_hits": 0,
+            "block_stack_calls": 0,
+            "block_stack_calls_naive": 0,
+            "wall_seconds": 0.0,
+        }
+
+    def __len__(self) -> int:
+        return len(self.reference)
+
+    def subset(self, count: int) -> MaskObjective:
+        """An objective on `count` evenly strided pairs of this one's reference (for cheap screening).
+
+        Created once per count and kept, so its memo and prefix states serve every later search.
+        """
+        if count < 1:
+            raise ValueError(f"a subset needs at least one pair, got {count}")
+        if count >= len(self):
+            return self
+        key = ("subset", count)
+        if key not in self.cache:
+            stride = len(self) // count
+            indices = list(range(0, stride * count, stride))
+            self.cache[key] = MaskObjective(
+                self.pipe,
+                self.reference.subset(indices),
+                self.loss,
+                self.max_cached_states,
+                sigmas=self.schedule,
+                max_rows_per_forward=self.max_rows_per_forward,
+            )
+        return self.cache[key]
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def __call__(self, mask: Sequence[bool]) -> float:
+        """Mean loss of `mask` over the reference set (memoised)."""
+        return self.evaluate_many([mask])[0]
+
+    def evaluate_many(self, masks: Sequence[Sequence[bool]]) -> list[float]:
+        """Losses of several masks, the new ones rolled out together in shared forwards.
+
+        Each row of a forward is computed independently of the others, so batching
+        candidates changes no number; it saves the per-forward overhead that dominates
+        small calibration subsets (and is what makes a GPU search fast).
+        """
+        keys = [self._check(mask) for mask in masks]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        self.stats["memo_hits"] += len(keys) - len(todo)
+        for chunk in range(0, len(todo), self._candidates_per_forward):
+            group = todo[chunk : chunk + self._candidates_per_forward]
+            for key, final in zip(group, self._run_many(group)):
+                self._record(key, final)
+        return [self._memo[k] for k in keys]
+
+    def final_latents(self, mask: Sequence[bool]) -> torch.Tensor:
+        """The cached rollout's final latents (B, ...) on CPU, e.g. for decoding and image metrics."""
+        key = self._check(mask)
+        final = self._run_many([key])[0]
+        self._record(key, final)
+        return final.detach().cpu()
+
+    def known(self, mask: Sequence[bool]) -> float | None:
+        """The memoised loss of `mask`, or None when it was never evaluated."""
+        return self._memo.get(mask_key(mask))
+
+    def memo(self) -> dict[str, float]:
+        """Losses evaluated so far, keyed by `mask_key` (checkpoints store it)."""
+        return dict(self._memo)
+
+    def load_memo(self, memo: dict[str, float]) -> None:
+        """Restore losses from a checkpoint of a search on this same objective."""
+        for key, value in memo.items():
+            if len(key) != self.steps or set(key) - {"0", "1"}:
+                raise ValueError(f"memo key {key!r} is not a {self.steps}-step mask")
+            self._memo[key] = float(value)
+
+    def pin(self, masks: Iterable[Sequence[bool]]) -> None:
+        """Keep these masks' prefix states out of eviction (the search's current and best masks)."""
+        self._pinned = {key[:k] for key in map(mask_key, masks) for k in range(1, self.steps)}
+
+    def _check(self, mask: Sequence[bool]) -> str:
+        key = mask_key(mask)
+        if len(key) != self.steps:
+            raise ValueError(f"mask has {len(key)} entries, the reference has {self.steps} steps")
+        if key[0] != "1":
+            raise ValueError("the mask must compute step 0: there is nothing cached before it")
+        return key
+
+    def _record(self, key: str, final: torch.Tensor) -> float:
+        value = float(self.loss(final, self.target).double().mean())
+        self._memo[key] = value
+        return value
+
+    def _longest_prefix(self, key: str) -> tuple[int, RolloutState | None]:
+        for k in range(self.steps - 1, 0, -1):
+            state = self._states.get(key[:k])
+            if state is not None:
+                self._states.move_to_end(key[:k])
+                return k, state
+        return 0, None
+
+    def _store(self, prefix: str, state: RolloutState) -> None:
+        self._states[prefix] = state
+        self._states.move_to_end(prefix)
+        budget = len(self._states)
+        while len(self._states) > self.max_cached_states and budget > 0:
+            budget -= 1
+            old, kept = self._states.popitem(last=False)
+            if old in self._pinned:
+                self._states[old] = kept
+
+    def _run_many(self, keys: list[str]) -> list[torch.Tensor]:
+        """Cached rollouts of several masks, each from its longest stored prefix, in shared forwards.
+
+        At every step the running candidates are grouped by mask prefix (equal prefixes
+        have equal states, so each is computed once), and the distinct prefixes split
+        into a compute group and a cached group: one forward each through the BudCache
+        hooks with the rows' residuals stacked, the computation `sampling.rollout` does.
+        """
+        started = time.perf_counter()
+        latents: list[torch.Tensor] = []
+        caches: list[dict[str, ContextSnapshot]] = []
+        begins: list[int] = []
+        for key in keys:
+            begin, state = self._longest_prefix(key)
+            begins.append(begin)
+            latents.append(self.noise if state is None else state.latents)
+            caches.append({} if state is None else state.cache)
+        keep = self.max_cached_states > 0
+        computed = 0
+        with torch.inference_mode(), budcache_session(self.pipe.transformer, self.schedule) as runtime:
+            for step in range(min(begins), self.steps):
+                members: dict[str, list[int]] = {}
+                for k, begin in enumerate(begins):
+                    if begin <= step:
+                        members.setdefault(keys[k][: step + 1], []).append(k)
+                for flag in (True, False):
+                    group = [ks[0] for prefix, ks in members.items() if (prefix[-1] == "1") == flag]
+                    if not group:
+                        continue
+                    runtime.restore(_stack_caches([caches[k] for k in group], step, flag))
+                    runtime.mask = [True] * step + [flag] + [True] * (self.steps - step - 1)
+                    x = torch.cat([latents[k] for k in group]) if len(group) > 1 else latents[group[0]]
+                    velocity = self._tiled(len(group)).velocity(x, self.sigmas[step])
+                    x = euler_step(x, velocity, self.sigmas[step], self.sigmas[step + 1])
+                    parts = _split_cache(runtime.snapshot(), len(group)) if flag else [caches[k] for k in group]
+                    computed += len(group) if flag else 0
+                    for k, part, cache in zip(group, x.chunk(len(group)), parts):
+                        part = part.clone() if len(group) > 1 else part
+                        prefix = keys[k][: step + 1]
+                        for member in members[prefix]:
+                            latents[member], caches[member] = part, cache
+                        if keep and step + 1 < self.steps:
+                            self._store(prefix, RolloutState(step + 1, part, cache))
+        self.stats["evaluations"] += len(keys)
+        self.stats["block_stack_calls"] += computed
+        self.stats["block_stack_calls_naive"] += sum(key.count("1") for key in keys)
+        self.stats["wall_seconds"] += time.perf_counter() - started
+        return latents
+
+    def _tiled(self, copies: int) -> Any:
+        if copies == 1:
+            return self.denoiser
+        if copies not in self._tiles:
+            self._tiles[copies] = tile_denoiser(self.denoiser, copies)
+        return self._tiles[copies]
+
+    # -- teacher ----------------------------------------------------------------------------------
+
+    def teacher_latents(self) -> list[torch.Tensor]:
+        """Uncached latents before every step and the final one (steps + 1 tensors), computed once.
+
+        Also checks that this pipe reproduces the reference's finals: the fingerprint
+        does not hash weights, so a retrained model with a stale reference is caught here.
+        """
+        if self._teacher is None:
+            started = time.perf_counter()
+            latents = [self.noise]
+            with torch.inference_mode():
+                x = self.noise
+                for i in range(self.steps):
+                    x = euler_step_plain(self.denoiser, x, self.sigmas[i], self.sigmas[i + 1])
+                    latents.append(x)
+            error = (latents[-1].float() - self.target.float()).norm() / self.target.float().norm().clamp_min(1e-12)
+            if error > _TEACHER_RELATIVE_TOLERANCE:
+                raise ReferenceError(
+                    f"this pipe's uncached rollout differs from the reference finals (relative error {error:.2e}): "
+                    "the reference was computed with other weights or sigmas; recompute it"
+                )
+            self._teacher = latents
+            self.stats["wall_seconds"] += time.perf_counter() - started
+            self.stats.setdefault("teacher_block_stack_calls", 0)
+            self.stats["teacher_block_stack_calls"] += self.steps
+        return self._teacher
+
+
+def euler_step_plain(
+    denoiser: Any, latents: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """One uncached Euler step; `sigma` may be a scalar or one value per sample."""
+    velocity = denoiser.velocity(latents, sigma)
+    shape = (-1,) + (1,) * (latents.dim() - 1)
+    if sigma.dim() == 1:
+        sigma, sigma_next = sigma.view(shape), sigma_next.view(shape)
+    return euler_step(latents, velocity, sigma, sigma_next)
+
+
+def tile_denoiser(denoiser: Any, copies: int) -> Any:
+    """The denoiser for `copies` stacked copies of its batch (rows of copy c are c*B ... c*B+B-1)."""
+    if not isinstance(denoiser, FluxDenoiser):
+        raise TypeError(f"batched candidate rollouts support FluxDenoiser, got {type(denoiser).__name__}")
+    return dataclasses.replace(
+        denoiser,
+        prompt_embeds=denoiser.prompt_embeds.repeat(copies, 1, 1),
+        pooled_prompt_embeds=denoiser.pooled_prompt_embeds.repeat(copies, 1),
+        guidance=denoiser.guidance.repeat(copies) if denoiser.guidance is not None else None,
+    )
+
+
+def _stack_caches(caches: list[dict[str, ContextSnapshot]], step: int, compute: bool) -> dict[str, ContextSnapshot]:
+    """One snapshot whose residuals are the group's residuals stacked in row order.
+
+    A compute step needs no residual (it makes a new one), so none is stacked for it.
+    """
+    names = caches[0].keys()
+    if compute:
+        return {name: ContextSnapshot(step - 1, None, None, 0) for name in names}
+
+    def stacked(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if tensors[0] is None:
+            return None
+        return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+    return {
+        name: ContextSnapshot(
+            step - 1,
+            stacked([c[name].residual_hidden for c in caches]),
+            stacked([c[name].residual_encoder for c in caches]),
+            0,
+        )
+        for name in names
+    }
+
+
+def _split_cache(snapshot: dict[str, ContextSnapshot], parts: int) -> list[dict[str, ContextSnapshot]]:
+    """Per-candidate snapshots from a group's snapshot (cloned so no candidate holds the whole batch)."""
+
+    def split(tensor: torch.Tensor | None) -> list[torch.Tensor | None]:
+        if tensor is None:
+            return [None] * parts
+        if parts == 1:
+            return [tensor]
+        return [t.clone() for t in tensor.chunk(parts)]
+
+    pieces = {name: (split(s.residual_hidden), split(s.residual_encoder)) for name, s in snapshot.items()}
+    return [
+        {name: ContextSnapshot(s.step, pieces[name][0][k], pieces[name][1][k], 0) for name, s in snapshot.items()}
+        for k in range(parts)
+    ]

@@ -1,0 +1,89 @@
+"""Prefix reuse and memoisation must not change a single loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from budcache_pipeline import CachePolicy, disable_budcache, enable_budcache
+from budcache_pipeline.caching import get_runtime
+from budcache_pipeline.policy import uniform_mask
+from budcache_pipeline.sampling import rollout
+from budcache_pipeline.search import MaskObjective, latent_mse_per_sample
+from tests.search.conftest import STEPS, random_mask
+
+
+def test_prefix_reuse_gives_the_losses_of_full_rollouts(pipe, reference):
+    reusing = MaskObjective(pipe, reference, max_cached_states=64)
+    fresh = MaskObjective(pipe, reference, max_cached_states=0)
+    generator = torch.Generator().manual_seed(0)
+    base = uniform_mask(STEPS, 5)
+    masks = [base]
+    for _ in range(12):
+        mask = list(masks[-1])
+        on = [i for i in range(1, STEPS) if mask[i]]
+        off = [i for i in range(STEPS) if not mask[i]]
+        mask[on[int(torch.randint(len(on), (1,), generator=generator))]] = False
+        mask[off[int(torch.randint(len(off), (1,), generator=generator))]] = True
+        masks.append(mask)
+    masks += [random_mask(STEPS, b, generator) for b in (3, 6, 9)]
+    for mask in masks:
+        expected = fresh(mask)
+        assert abs(reusing(mask) - expected) <= 1e-6 * expected
+        assert torch.equal(reusing.final_latents(mask), fresh.final_latents(mask))
+    assert reusing.stats["block_stack_calls"] < 0.8 * reusing.stats["block_stack_calls_naive"]
+    assert fresh.stats["block_stack_calls"] == fresh.stats["block_stack_calls_naive"]
+    assert len(reusing._states) <= 64
+    assert get_runtime(pipe.transformer) is None, "hooks are only on the transformer during an evaluation"
+
+
+def test_losses_are_memoised_by_mask(objective):
+    mask = uniform_mask(STEPS, 4)
+    first = objective(mask)
+    evaluations = objective.stats["evaluations"]
+    assert objective(tuple(mask)) == first
+    assert objective.stats["evaluations"] == evaluations and objective.stats["memo_hits"] == 1
+    assert objective.known(mask) == first and objective.known(uniform_mask(STEPS, 5)) is None
+
+
+def test_full_budget_has_zero_loss_against_its_own_reference(objective):
+    assert objective([True] * STEPS) == pytest.approx(0.0, abs=1e-10)
+    assert objective(uniform_mask(STEPS, 3)) > 0
+
+
+def test_pluggable_loss_and_subsets(pipe, reference):
+    l1 = MaskObjective(pipe, reference, loss=lambda a, b: (a - b).abs().flatten(1).mean(1))
+    mse = MaskObjective(pipe, reference, loss=latent_mse_per_sample)
+    mask = uniform_mask(STEPS, 4)
+    assert l1(mask) != mse(mask)
+    sub = mse.subset(3)
+    assert len(sub) == 3 and sub.reference.prompts == reference.prompts[0::2]
+    assert mse.subset(3) is sub and mse.subset(len(reference)) is mse
+    per_sample = latent_mse_per_sample(mse.final_latents(mask), reference.final)
+    assert sub(mask) == pytest.approx(float(per_sample[0::2].double().mean()), rel=1e-5)
+
+
+def test_bad_masks_are_refused(objective):
+    with pytest.raises(ValueError, match="entries"):
+        objective([True] * (STEPS - 1))
+    with pytest.raises(ValueError, match="step 0"):
+        objective([False] + [True] * (STEPS - 1))
+
+
+def test_batched_candidates_equal_one_sampler_rollout_each(pipe, reference):
+    objective = MaskObjective(pipe, reference, max_rows_per_forward=2 * len(reference))
+    generator = torch.Generator().manual_seed(1)
+    masks = [random_mask(STEPS, b, generator) for b in (2, 4, 4, 7, 11)] + [uniform_mask(STEPS, 4)] * 2
+    losses = objective.evaluate_many(masks)
+    assert losses[-1] == losses[-2] and objective.stats["memo_hits"] == 1
+    sigmas = torch.tensor(reference.sigmas)
+    for mask, loss in zip(masks, losses):
+        policy = CachePolicy(mask=mask, model_name="t", model_fingerprint="t", sigmas=reference.sigmas)
+        runtime = enable_budcache(pipe.transformer, policy)
+        try:
+            with torch.no_grad():
+                final = rollout(objective.denoiser, runtime, objective.noise, sigmas).final
+        finally:
+            disable_budcache(pipe.transformer)
+        expected = float(latent_mse_per_sample(final, reference.final).double().mean())
+        assert abs(loss - expected) <= 1e-6 * expected

@@ -1,0 +1,99 @@
+"""Initial masks keep the budget and forced positions; the DAG start solves its DP exactly."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from budcache_pipeline.search import MaskObjective
+from budcache_pipeline.search.starts import (
+    SearchSetupError,
+    back_loaded_start,
+    dp_path,
+    dp_start,
+    edge_errors,
+    front_loaded_start,
+    normalise_forced,
+    random_start,
+    uniform_start,
+)
+from tests.search.conftest import STEPS
+
+
+def test_simple_starts_keep_budget_and_forced_positions():
+    for budget in (2, 5, 9, 28):
+        for forced in ((0,), (0, 13), (0, 1, 27)):
+            forced = normalise_forced(forced, 28, max(budget, 3))
+            if len(forced) > budget:
+                continue
+            for mask in (
+                uniform_start(28, budget, forced),
+                front_loaded_start(28, budget, forced),
+                back_loaded_start(28, budget, forced),
+                random_start(28, budget, forced, random.Random(0)),
+            ):
+                assert sum(mask) == budget and all(mask[p] for p in forced)
+    front, back = front_loaded_start(28, 7, (0,)), back_loaded_start(28, 7, (0,))
+    assert sum(front[:14]) > sum(front[14:]) and sum(back[14:]) > sum(back[:14])
+    assert [i for i, m in enumerate(uniform_start(28, 7, (0,))) if m] == [0, 4, 8, 12, 16, 20, 24]
+
+
+def test_forced_positions_are_checked():
+    assert normalise_forced((5,), 10, 3) == (0, 5)
+    with pytest.raises(SearchSetupError, match="do not fit"):
+        normalise_forced((1, 2, 3), 10, 3)
+    with pytest.raises(SearchSetupError, match="not a step index"):
+        normalise_forced((10,), 10, 3)
+    with pytest.raises(SearchSetupError, match="budget must be between"):
+        normalise_forced((0,), 10, 11)
+
+
+def brute_force(errors: np.ndarray, budget: int, forced: set[int]) -> float:
+    steps = errors.shape[0] - 1
+    best = np.inf
+    for rest in itertools.combinations(range(1, steps), budget - 1):
+        nodes = [0, *rest]
+        if not forced <= set(nodes):
+            continue
+        best = min(best, sum(errors[a, b] for a, b in zip(nodes, nodes[1:] + [steps])))
+    return best
+
+
+def test_dp_finds_the_cheapest_path_with_exactly_b_edges():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        steps = 9
+        errors = np.triu(rng.random((steps + 1, steps + 1)), k=2)
+        budget = 2 + trial % 5
+        forced = {0} | ({4} if trial % 2 else set())
+        nodes = dp_path(errors, budget, sorted(forced))
+        assert len(nodes) == budget and nodes[0] == 0 and forced <= set(nodes)
+        cost = sum(errors[a, b] for a, b in zip(nodes, nodes[1:] + [steps]))
+        assert cost == pytest.approx(brute_force(errors, budget, forced))
+
+
+def edge_mask(i: int, j: int, steps: int) -> list[bool]:
+    return [not (i < k < j) for k in range(steps)]
+
+
+def test_edge_errors_are_the_losses_of_single_segment_rollouts(pipe, reference):
+    objective = MaskObjective(pipe, reference)
+    exact = edge_errors(objective, samples=3, exact=True)
+    linear = edge_errors(objective, samples=3)
+    sub = objective.subset(3)
+    for i, j in [(0, 2), (0, 7), (3, 9), (5, STEPS), (0, STEPS), (2, 4)]:
+        expected = sub(edge_mask(i, j, STEPS))
+        assert exact[i, j] == pytest.approx(expected, rel=1e-3)
+        if j == STEPS or j == i + 2:
+            assert linear[i, j] == pytest.approx(expected, rel=1e-3)
+    assert np.all(np.diag(exact, 1) == 0) and np.all(np.diag(linear, 1) == 0)
+    assert edge_errors(objective, samples=3) is linear, "edges are computed once per objective"
+    assert objective.stats["start_block_stack_calls"] > 0
+    correlation = np.corrcoef(np.log(exact[np.triu_indices(STEPS + 1, 2)] + 1e-30),
+                              np.log(linear[np.triu_indices(STEPS + 1, 2)] + 1e-30))[0, 1]
+    assert correlation > 0.9
+    mask = dp_start(objective, 4, (0,), samples=3)
+    assert sum(mask) == 4 and mask[0]
