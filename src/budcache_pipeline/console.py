@@ -1,4 +1,7 @@
-"""The `budcache` command: benchmarks, generation, training the default model, registry operations."""
+"""The `budcache` command: benchmarks, generation, training the default model, registry operations.
+
+Named `console` because Kedro reserves `<package>.cli` for its own project commands.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,68 @@ def _bench_runtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_quality(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from budcache_pipeline.benchmarks import bench_quality, format_quality_table
+
+    result = bench_quality()
+    print(format_quality_table(result))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(result["rows"]).to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    _write_json(result, args.json)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from budcache_pipeline.caching import enable_budcache
+    from budcache_pipeline.models.digits import generate_grid, load_default_pipeline
+    from budcache_pipeline.policy import load_policy
+    from budcache_pipeline.schedules import scheduler_input_sigmas
+
+    pipe = load_default_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(args.seed, args.seed + args.images))
+    sigmas, runtime = None, None
+    if args.policy:
+        policy = load_policy(args.policy)
+        if policy.steps != args.steps:
+            raise ValueError(f"the policy was searched for {policy.steps} steps, not --steps {args.steps}")
+        runtime = enable_budcache(pipe, policy, check_fingerprint=True)
+        if policy.sigmas is not None:
+            sigmas = scheduler_input_sigmas(pipe.scheduler, list(policy.sigmas))
+    path = generate_grid(pipe, args.prompt, args.steps, seeds, args.out, sigmas=sigmas)
+    used = max(runtime.compute_counts().values()) if runtime else args.steps
+    print(f"wrote {path}: {len(seeds)} images, {used} of {args.steps} steps computed the block stack")
+    return 0
+
+
+def _train_default_model(args: argparse.Namespace) -> int:
+    from budcache_pipeline.models.digits import train_default_model
+
+    report = train_default_model(args.out, steps=args.steps, seed=args.seed)
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from budcache_pipeline.registry import format_promotion, promote
+
+    result = promote(args.model, args.version, force=args.force, reason=args.reason)
+    print(format_promotion(result))
+    return 0 if result.promoted else 1
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from budcache_pipeline.registry import pull
+
+    for path in pull(args.model, args.alias, args.out, expect_fingerprint=args.fingerprint, expect_steps=args.steps):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="budcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +103,40 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--json", help="also write the result as JSON here")
     runtime.add_argument("--repeats", type=int, default=5, help="best-of-N timing (default 5)")
     runtime.set_defaults(handler=_bench_runtime)
+    quality = benches.add_parser("quality", help="searched policies vs heuristic caches on held-out digits prompts")
+    quality.add_argument("--json", help="also write the summary and table as JSON here")
+    quality.add_argument("--csv", help="also write the held-out table (one row per method x budget) as CSV here")
+    quality.set_defaults(handler=_bench_quality)
+
+    generate = commands.add_parser("generate", help="a PNG grid from the embedded default model, optionally under a policy")
+    generate.add_argument("--prompt", required=True, help='e.g. "a handwritten seven"')
+    generate.add_argument("--steps", type=int, default=28)
+    generate.add_argument("--policy", help="a policy JSON to apply")
+    generate.add_argument("--seed", type=int, default=0, help="first seed; the grid uses consecutive seeds")
+    generate.add_argument("--images", type=int, default=8, help="images in the grid (default 8)")
+    generate.add_argument("--out", required=True, help="PNG path")
+    generate.set_defaults(handler=_generate)
+
+    train = commands.add_parser("train-default-model", help="reproduce the shipped default model from scratch")
+    train.add_argument("--out", required=True, help="folder for the weights, loss curve and report")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=_train_default_model)
+
+    promote = commands.add_parser("promote", help="move alias `production` if the version wins at every shared budget")
+    promote.add_argument("--model", required=True, help="registered model name")
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--force", action="store_true", help="promote even if the gate fails (needs --reason)")
+    promote.add_argument("--reason", help="why a forced promotion is right; recorded as a tag")
+    promote.set_defaults(handler=_promote)
+
+    pull = commands.add_parser("pull", help="write a registered policy ladder to a folder, verified")
+    pull.add_argument("--model", required=True, help="registered model name")
+    pull.add_argument("--alias", default="production")
+    pull.add_argument("--out", required=True)
+    pull.add_argument("--fingerprint", help="refuse policies made for another model fingerprint")
+    pull.add_argument("--steps", type=int, help="refuse policies made for another number of steps")
+    pull.set_defaults(handler=_pull)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""`budcache bench quality` on a reduced setting: disjoint sets, every method evaluated, the JSON the issue asks for."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from budcache_pipeline import benchmarks
+from budcache_pipeline.benchmarks import bench_quality, format_quality_table, quality_prompt_sets
+from budcache_pipeline.console import main
+from tests.conftest import tiny_flux_pipeline
+from tests.test_sampling import TinyPromptEncoder
+
+
+def test_prompt_sets_are_disjoint_and_balanced():
+    calibration, holdout = quality_prompt_sets(32, 64)
+    assert len(calibration) == 32 and len(holdout) == 64
+    assert not {p for p, _, _ in calibration} & {p for p, _, _ in holdout}
+    assert not {s for _, _, s in calibration} & {s for _, _, s in holdout}
+    assert sorted({d for _, d, _ in calibration}) == list(range(10))
+    assert len({p for p, _, _ in calibration}) == 32, "calibration wordings are all different"
+    assert quality_prompt_sets(32, 64) == (calibration, holdout)
+    with pytest.raises(ValueError, match="at least one pair"):
+        quality_prompt_sets(0, 4)
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def result(figures) -> dict:
+    pipe = tiny_flux_pipeline()
+    pipe.encode_prompt = TinyPromptEncoder(pipe)
+    return bench_quality(
+        budgets=(4, 2),
+        steps=8,
+        calibration_size=3,
+        holdout_size=3,
+        pipe=pipe,
+        size=64,
+        baselines=("uniform", "teacache", "first_block_cache"),
+        search_options={"starts": ("uniform",), "sa_iterations": 6, "hc_rounds": 1},
+        align_iterations=2,
+        timing_images=1,
+        out_dir=str(figures),
+        progress=lambda _: None,
+    )
+
+
+def test_reduced_bench_reports_every_figure(result, figures):
+    assert set(result["budgets"]) == {"4", "2"}
+    for budget in ("4", "2"):
+        entry = result["budgets"][budget]
+        for key in ("budcache_mse", "best_heuristic", "best_heuristic_mse", "ratio", "multi_over_single"):
+            assert key in entry
+        assert entry["ratio"] == pytest.approx(entry["budcache_mse"] / entry["best_heuristic_mse"])
+        assert entry["best_heuristic"] in ("uniform", "teacache", "first_block_cache")
+    assert "alignment" in result["budgets"]["2"], "B/N = 0.25 is tight enough to align"
+    assert "alignment" not in result["budgets"]["4"]
+    assert 0 < result["reuse_over_naive"] <= 1
+    assert result["multi_over_single"] > 0
+    assert set(result["search_seconds"]) == {"4", "2"}
+    rows = pd.DataFrame(result["rows"])
+    assert rows.iloc[0]["method"] == "uncached"
+    for method in ("budcache", "budcache_single", "uniform", "teacache", "first_block_cache"):
+        assert set(rows[rows["method"] == method]["budget"]) == {4, 2}
+    assert len(rows.drop_duplicates(["method", "budget"])) == len(rows)
+    json.dumps(result, allow_nan=False)
+    assert (figures / "reference" / "calibration" / "manifest.json").is_file()
+    for name in ("pareto_latent_mse", "pareto_block_evaluations", "masks", "convergence_B4", "convergence_B2"):
+        assert (figures / f"{name}.png").is_file()
+    text = format_quality_table(result)
+    assert "budcache" in text and "multi/single" in text
+
+
+def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(benchmarks, "bench_quality", lambda: result)
+    code = main(["bench", "quality", "--json", str(tmp_path / "q.json"), "--csv", str(tmp_path / "q.csv")])
+    assert code == 0
+    assert json.loads((tmp_path / "q.json").read_text())["budgets"].keys() == {"4", "2"}
+    table = pd.read_csv(tmp_path / "q.csv")
+    assert len(table) == len(result["rows"]) and "latent_mse" in table.columns
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_bad_budgets_are_refused():
+    with pytest.raises(ValueError, match="budgets must lie between 1 and steps - 1"):
+        bench_quality(budgets=(28,), steps=28, pipe=object())
