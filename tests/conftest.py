@@ -98,3 +98,15 @@ def flux_pipe():
 @pytest.fixture
 def wan_pipe():
     return tiny_wan_pipeline()
+
+
+@pytest.fixture(scope="session")
+def reduced_run(tmp_path_factory):
+    """A copy of the project after one full `kedro run` on the reduced configuration of
+    `tests/reduced_project.py`, with its own sqlite registry; shared by the pipeline, notebook
+    and deployment tests so the suite pays for one run."""
+    from tests.reduced_project import kedro, reduced_project
+
+    project = reduced_project(tmp_path_factory.mktemp("reduced") / "project")
+    kedro(project, "run")
+    return project

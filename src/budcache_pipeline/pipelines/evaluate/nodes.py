@@ -1,0 +1,209 @@
+"""Evaluate nodes: Kedro wrappers over `evaluation`, `caching.baselines` and `reporting`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from budcache_pipeline.caching.baselines import BaselineCalibrator, BaselineError, CacheMethod, RolloutSet
+from budcache_pipeline.evaluation import EvalMethod, QualityMetrics, evaluate_methods, finite_or_none
+from budcache_pipeline.pipelines.common import load_model
+from budcache_pipeline.pipelines.search.nodes import calibration_subset
+from budcache_pipeline.policy import CachePolicy
+from budcache_pipeline.reporting import plot_convergence, plot_masks, plot_pareto, plot_sample_grid
+from budcache_pipeline.search import ReferenceSet
+
+logger = logging.getLogger(__name__)
+
+SEARCHED = "budcache"
+ALIGNED = "budcache_aligned"
+SUMMARY_METRICS = (
+    "latent_mse",
+    "latent_mse_std",
+    "psnr",
+    "ssim",
+    "fid",
+    "judge_agreement",
+    "compute_steps_mean",
+    "compute_steps_std",
+    "speedup",
+)
+
+
+def is_aligned(policy: CachePolicy) -> bool:
+    """Whether the align pipeline replaced the policy's schedule."""
+    return "alignment" in policy.provenance
+
+
+def collect_ladder(*policies: CachePolicy) -> dict[int, CachePolicy]:
+    """The per-budget policies as one ladder keyed by budget."""
+    return {policy.budget: policy for policy in policies}
+
+
+def _labels(prompts: pd.DataFrame, reference: ReferenceSet) -> list[int] | None:
+    """The digit each held-out prompt asks for, when categories are digits (the default model's prompts)."""
+    category = {(p, int(s)): c for p, s, c in zip(prompts["prompt"], prompts["seed"], prompts["category"])}
+    labels = [category.get((p, int(s))) for p, s in zip(reference.prompts, reference.seeds)]
+    if all(isinstance(c, str) and c.isdigit() and len(c) == 1 for c in labels):
+        return [int(c) for c in labels]
+    return None
+
+
+def _quality(pipe: Any, reference: ReferenceSet, prompts: pd.DataFrame, params: dict[str, Any]) -> QualityMetrics:
+    """Image metrics: PSNR/SSIM whenever the pipe decodes latents; FID and judge agreement for the digits model."""
+    if not hasattr(pipe, "decode_latents"):
+        return QualityMetrics()
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return pipe.decode_latents(latents.to(pipe.transformer.device), reference.height, reference.width).cpu()
+
+    if params.get("quality") != "digits":
+        return QualityMetrics(decode=decode)
+    from budcache_pipeline.models.digits import load_default_judge
+    from budcache_pipeline.models.digits.data import holdout_images
+
+    real, _ = holdout_images()
+    labels = _labels(prompts, reference)
+    return QualityMetrics(decode=decode, labels=labels, judge=load_default_judge(), real_images=real)
+
+
+def evaluate_ladder(
+    searched: dict[int, CachePolicy],
+    aligned: dict[int, CachePolicy],
+    reference_calibration: ReferenceSet,
+    reference_holdout: ReferenceSet,
+    calibration_prompts: pd.DataFrame,
+    holdout_prompts: pd.DataFrame,
+    model_params: dict[str, Any],
+    params: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[dict[str, Any]]], dict[str, dict[str, torch.Tensor]]]:
+    """Every method at every budget on the held-out pairs, baselines tuned to the same mean budget.
+
+    Baselines (`name` or `name@blocks`) are calibrated on a category-balanced calibration
+    subset, never on held-out pairs, to the budget in full block-stack computations or, with
+    `@blocks`, in block evaluations; a baseline that cannot reach a budget is left out and
+    recorded. Returns the metrics table (twice: parquet and CSV), the calibrations, and decoded
+    sample images per budget for the grids.
+    """
+    pipe = load_model(model_params)
+    indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
+    calibrator = BaselineCalibrator(
+        RolloutSet.from_reference(pipe, reference_calibration.subset(indices)),
+        max_evaluations=int(params["max_calibration_evaluations"]),
+        progress=logger.info,
+    )
+    methods, calibrations, skipped = [], [], []
+    for budget in sorted(searched, reverse=True):
+        methods.append(EvalMethod(SEARCHED, budget, CacheMethod.policy(searched[budget])))
+        if is_aligned(aligned[budget]):
+            methods.append(EvalMethod(ALIGNED, budget, CacheMethod.policy(aligned[budget])))
+        for entry in params["baselines"]:
+            name, _, match = str(entry).partition("@")
+            try:
+                calibration = calibrator.calibrate(name, budget, match=match or "compute")
+            except BaselineError as exc:
+                logger.warning("%s is left out at budget %d: %s", entry, budget, exc)
+                skipped.append({"method": str(entry), "budget": budget, "reason": str(exc)})
+                continue
+            calibrations.append(calibration.summary())
+            methods.append(EvalMethod(calibration.name, budget, calibration.method, info={"match": calibration.match}))
+    quality = _quality(pipe, reference_holdout, holdout_prompts, params)
+    finals: dict[tuple[str, int], torch.Tensor] = {}
+    table = evaluate_methods(
+        RolloutSet.from_reference(pipe, reference_holdout),
+        methods,
+        quality,
+        timing_images=int(params["timing_images"]),
+        collect=finals,
+        progress=logger.info,
+    )
+    samples = _samples(finals, quality, int(params["grid_images"]), reference_holdout.steps)
+    return table, table, {"calibrations": calibrations, "unreachable": skipped}, samples
+
+
+def _samples(
+    finals: dict[tuple[str, int], torch.Tensor], quality: QualityMetrics, count: int, steps: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Decoded first `count` held-out images of each method, grouped by budget (uncached in every group)."""
+    if quality.decode is None or count < 1:
+        return {}
+    uncached = quality.decode(finals[("uncached", steps)][:count])
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for (method, budget), final in finals.items():
+        if method == "uncached":
+            continue
+        group = groups.setdefault(f"budget_{budget}", {"uncached": uncached})
+        group[method] = quality.decode(final[:count])
+    return groups
+
+
+def summarise_metrics(metrics_table: pd.DataFrame, ladder: dict[int, CachePolicy]) -> dict[str, Any]:
+    """The headline numbers for `dvc metrics` and MLflow: per budget and method, and the policy's gain
+    over the best baseline at the same budget (relative held-out latent MSE reduction)."""
+    summary: dict[str, Any] = {"holdout_pairs": int(metrics_table["images"].iloc[0])}
+    for row in metrics_table.itertuples(index=False):
+        entry = {metric: finite_or_none(getattr(row, metric)) for metric in SUMMARY_METRICS}
+        if row.method == "uncached":
+            summary["uncached"] = entry
+        else:
+            summary.setdefault(f"budget_{row.budget}", {})[row.method] = entry
+    for budget, policy in sorted(ladder.items(), reverse=True):
+        rows = metrics_table[metrics_table["budget"] == budget]
+        ours = rows[rows["method"] == (ALIGNED if is_aligned(policy) else SEARCHED)]["latent_mse"].iloc[0]
+        baselines = rows[~rows["method"].isin([SEARCHED, ALIGNED])]
+        headline: dict[str, Any] = {"latent_mse": finite_or_none(ours), "aligned": is_aligned(policy)}
+        if not baselines.empty:
+            best = baselines.loc[baselines["latent_mse"].idxmin()]
+            headline["best_baseline"] = str(best["method"])
+            headline["gain_over_best_baseline"] = (
+                finite_or_none(1.0 - ours / best["latent_mse"]) if best["latent_mse"] > 0 else None
+            )
+        summary[f"budget_{budget}"]["policy"] = headline
+    return summary
+
+
+def score_policies(ladder: dict[int, CachePolicy], metrics_table: pd.DataFrame) -> tuple[CachePolicy, ...]:
+    """The ladder with held-out scores in each policy's provenance (what the promotion gate compares),
+    in budget order (largest first)."""
+    scored = []
+    for budget, policy in sorted(ladder.items(), reverse=True):
+        method = ALIGNED if is_aligned(policy) else SEARCHED
+        row = metrics_table[(metrics_table["method"] == method) & (metrics_table["budget"] == budget)].iloc[0]
+        scores = {
+            **policy.provenance.get("scores", {}),
+            "holdout_mse": float(row["latent_mse"]),
+            "holdout_mse_std": float(row["latent_mse_std"]),
+            "holdout_pairs": int(row["images"]),
+            **{
+                k: float(row[k])
+                for k in ("psnr", "ssim", "fid", "judge_agreement")
+                if finite_or_none(row[k]) is not None
+            },
+        }
+        scored.append(policy.with_provenance(scores=scores))
+    return tuple(scored)
+
+
+def pareto_plot(metrics_table: pd.DataFrame) -> Figure:
+    """Held-out latent MSE against mean compute steps, one line per method."""
+    return plot_pareto(metrics_table)
+
+
+def mask_map(ladder: dict[int, CachePolicy]) -> Figure:
+    """The searched masks of the ladder, one row per budget."""
+    return plot_masks({f"B={b}": ladder[b].mask for b in sorted(ladder, reverse=True)})
+
+
+def convergence_plots(histories: dict[int, pd.DataFrame]) -> dict[str, Figure]:
+    """One convergence figure per budget (`budget_<B>.png`), every start's SA then HC."""
+    ordered = sorted(histories.items(), reverse=True)
+    return {f"budget_{budget}.png": plot_convergence(history) for budget, history in ordered}
+
+
+def sample_grids(samples: dict[str, dict[str, torch.Tensor]]) -> dict[str, Figure]:
+    """One grid per budget (`budget_<B>.png`): a row per method, the same held-out pairs in each column."""
+    return {f"{group}.png": plot_sample_grid(images) for group, images in samples.items()}

@@ -1,0 +1,76 @@
+"""Evaluate pipeline: ladder and budget-matched baselines on the held-out set → metrics, plots, scored policies."""
+
+from collections.abc import Iterable
+
+from kedro.pipeline import Node, Pipeline
+
+from budcache_pipeline.pipelines.evaluate.nodes import (
+    collect_ladder,
+    convergence_plots,
+    evaluate_ladder,
+    mask_map,
+    pareto_plot,
+    sample_grids,
+    score_policies,
+    summarise_metrics,
+)
+from budcache_pipeline.pipelines.register.nodes import by_budget
+from budcache_pipeline.pipelines.search.pipeline import budget_namespace
+
+
+def create_pipeline(budgets: Iterable[int] = (), **kwargs: object) -> Pipeline:
+    budgets = tuple(sorted(budgets, reverse=True))
+    per_budget = {
+        name: [f"{budget_namespace(b)}.{name}" for b in budgets]
+        for name in ("policy", "aligned_policy", "search_history", "final_policy")
+    }
+    return Pipeline(
+        [
+            Node(
+                collect_ladder, inputs=per_budget["policy"], outputs="searched_ladder", name="collect_searched_ladder"
+            ),
+            Node(
+                collect_ladder,
+                inputs=per_budget["aligned_policy"],
+                outputs="aligned_ladder",
+                name="collect_aligned_ladder",
+            ),
+            Node(
+                evaluate_ladder,
+                inputs=[
+                    "searched_ladder",
+                    "aligned_ladder",
+                    "reference_calibration",
+                    "reference_holdout",
+                    "calibration_prompts",
+                    "holdout_prompts",
+                    "params:model",
+                    "params:evaluate",
+                ],
+                outputs=["metrics_table", "metrics_table_csv", "baseline_calibrations", "evaluation_samples"],
+                name="evaluate_ladder",
+            ),
+            Node(
+                score_policies,
+                inputs=["aligned_ladder", "metrics_table"],
+                outputs=per_budget["final_policy"],
+                name="score_policies",
+            ),
+            Node(
+                summarise_metrics,
+                inputs=["metrics_table", "aligned_ladder"],
+                outputs="metrics_summary",
+                name="summarise_metrics",
+            ),
+            Node(pareto_plot, inputs="metrics_table", outputs="pareto_plot", name="plot_pareto"),
+            Node(mask_map, inputs="aligned_ladder", outputs="mask_map_plot", name="plot_mask_map"),
+            Node(
+                by_budget(budgets),
+                inputs=per_budget["search_history"],
+                outputs="search_histories",
+                name="collect_search_histories",
+            ),
+            Node(convergence_plots, inputs="search_histories", outputs="convergence_plots", name="plot_convergence"),
+            Node(sample_grids, inputs="evaluation_samples", outputs="sample_grid_plots", name="plot_sample_grids"),
+        ]
+    )

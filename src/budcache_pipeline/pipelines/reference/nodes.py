@@ -1,0 +1,92 @@
+"""Reference nodes: Kedro wrappers over `search.reference.compute_reference`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from budcache_pipeline.pipelines.common import load_model
+from budcache_pipeline.policy import model_fingerprint
+from budcache_pipeline.search import ReferenceSet, compute_reference
+from budcache_pipeline.search.reference import prompts_seeds_sha256
+
+logger = logging.getLogger(__name__)
+
+
+def _resume_dir(root: str, split: str, identity: dict[str, Any]) -> Path:
+    """A scratch folder per (split, model, settings, prompts): an interrupted run resumes in it,
+    and a run with other prompts or settings never picks up its batches."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / f"{split}-{digest}"
+
+
+def compute_reference_set(
+    prompts: pd.DataFrame, model_params: dict[str, Any], params: dict[str, Any], split: str
+) -> ReferenceSet:
+    """Uncached rollouts of every (prompt, seed) of one split, batched on the GPU when there is one.
+
+    Batches are saved as they finish in `params.resume_dir`, so an interrupted run resumes;
+    the folder is removed once the catalog holds the finished reference.
+    """
+    pipe = load_model(model_params)
+    texts, seeds = prompts["prompt"].tolist(), [int(s) for s in prompts["seed"]]
+    identity = {
+        "model": model_fingerprint(pipe.transformer),
+        "steps": int(params["steps"]),
+        "height": int(params["height"]),
+        "width": int(params["width"]),
+        "batch_size": int(params["batch_size"]),
+        "pairs": prompts_seeds_sha256(texts, seeds),
+    }
+    resume = _resume_dir(params["resume_dir"], split, identity)
+    started = time.perf_counter()
+    reference = compute_reference(
+        pipe,
+        texts,
+        seeds,
+        steps=int(params["steps"]),
+        height=int(params["height"]),
+        width=int(params["width"]),
+        out_dir=resume,
+        batch_size=int(params["batch_size"]),
+        progress=bool(params.get("progress", False)),
+    )
+    shutil.rmtree(resume, ignore_errors=True)
+    logger.info("%s reference: %d pairs in %.1fs", split, len(reference), time.perf_counter() - started)
+    return reference
+
+
+def compute_calibration_reference(
+    calibration_prompts: pd.DataFrame, model_params: dict[str, Any], params: dict[str, Any]
+) -> ReferenceSet:
+    """Teachers for the prompts the policies are searched on."""
+    return compute_reference_set(calibration_prompts, model_params, params, "calibration")
+
+
+def compute_holdout_reference(
+    holdout_prompts: pd.DataFrame, model_params: dict[str, Any], params: dict[str, Any]
+) -> ReferenceSet:
+    """Teachers for the prompts the policies are judged on."""
+    return compute_reference_set(holdout_prompts, model_params, params, "holdout")
+
+
+def summarise_references(calibration: ReferenceSet, holdout: ReferenceSet) -> dict[str, Any]:
+    """What the references are: model, schedule and sizes, for the report and the MLflow run."""
+    manifest = calibration.manifest
+    return {
+        "model_fingerprint": manifest["model_fingerprint"],
+        "model_class": manifest["model_class"],
+        "steps": calibration.steps,
+        "height": calibration.height,
+        "width": calibration.width,
+        "dtype": manifest["dtype"],
+        "sigmas": list(calibration.sigmas),
+        "pairs": {"calibration": len(calibration), "holdout": len(holdout)},
+    }

@@ -1,0 +1,183 @@
+"""The whole product on a reduced configuration: `kedro run`, pipeline order, `dvc repro`.
+
+`dvc repro` runs each stage's `kedro run --pipelines <name>`, so its test also shows that
+`search` (and every later pipeline) runs on its own once the pipelines before it have.
+
+`reduced_run` (tests/conftest.py) is the project after one full `kedro run` with two
+budgets (5 and 3 of 10 steps) in a temporary copy with its own sqlite registry.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from kedro.framework.cli.cli import KedroCLI
+from mlflow import MlflowClient
+
+from budcache_pipeline.pipeline_registry import BUDGETS_ENV, configured_budgets, register_pipelines
+from budcache_pipeline.policy import load_policy
+from budcache_pipeline.registry import CANDIDATE_ALIAS
+from tests.reduced_project import copy_project, environment, reduce_configuration, run
+
+BUDGETS = (5, 3)
+STEPS = 10
+
+
+def flat(text: str) -> str:
+    """Kedro's rich console wraps long messages: compare text with whitespace collapsed."""
+    return " ".join(text.split())
+
+
+def client_for(project: Path) -> MlflowClient:
+    uri = environment(project)["MLFLOW_TRACKING_URI"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_pipelines_hold_one_namespaced_search_and_align_per_budget(monkeypatch):
+    monkeypatch.setenv(BUDGETS_ENV, "3,7")
+    pipelines = register_pipelines()
+    assert {"ingest", "reference", "search", "align", "evaluate", "register", "__default__"} <= set(pipelines)
+    assert {n.name for n in pipelines["search"].nodes} == {"budget_7.search_policy", "budget_3.search_policy"}
+    assert {"budget_7.policy", "budget_3.policy"} <= pipelines["search"].all_outputs()
+    assert {"budget_7.aligned_policy", "budget_3.alignment_report"} <= pipelines["align"].all_outputs()
+    assert {"budget_7.final_policy", "metrics_table", "metrics_summary"} <= pipelines["evaluate"].all_outputs()
+    union = set().union(*(pipelines[name].nodes for name in pipelines if name != "__default__"))
+    assert set(pipelines["__default__"].nodes) == union
+    assert pipelines["__default__"].inputs() == {"raw_prompts"} | {
+        i for i in pipelines["__default__"].inputs() if i.startswith("params:") or i == "parameters"
+    }
+
+
+def test_budget_override_is_checked(monkeypatch):
+    monkeypatch.setenv(BUDGETS_ENV, "5,x")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        configured_budgets()
+    monkeypatch.setenv(BUDGETS_ENV, "5,5")
+    with pytest.raises(ValueError, match="repeated"):
+        configured_budgets()
+
+
+def test_full_run_writes_a_scored_ladder_tables_metrics_and_plots(reduced_run):
+    data = reduced_run / "data"
+    for budget in BUDGETS:
+        policy = load_policy(data / "06_models" / "policies" / f"budget_{budget}.json")
+        assert (policy.budget, policy.steps) == (budget, STEPS)
+        scores = policy.provenance["scores"]
+        assert scores["holdout_mse"] >= 0 and scores["calibration_mse"] >= 0
+        assert policy.provenance["search"]["calibration_pairs"] == 6
+        history = pd.read_parquet(data / "07_model_output" / "search" / f"budget_{budget}_history.parquet")
+        assert set(history["start"]) == {"dp", "uniform"}
+        assert (data / "08_reporting" / "plots" / "convergence" / f"budget_{budget}.png").is_file()
+        assert (data / "08_reporting" / "plots" / "samples" / f"budget_{budget}.png").is_file()
+
+    table = pd.read_parquet(data / "08_reporting" / "metrics.parquet")
+    csv = pd.read_csv(data / "08_reporting" / "metrics.csv")
+    pd.testing.assert_frame_equal(
+        table.drop(columns="settings"), csv.drop(columns="settings"), check_dtype=False, atol=1e-12
+    )
+    for budget in BUDGETS:
+        methods = set(table.loc[table["budget"] == budget, "method"])
+        assert {"budcache", "uniform", "teacache"} <= methods
+    uniform = table[table["method"] == "uniform"]
+    assert (uniform["compute_steps_mean"] == uniform["budget"]).all()
+
+    metrics = json.loads((data / "08_reporting" / "metrics.json").read_text())
+    for budget in BUDGETS:
+        assert metrics[f"budget_{budget}"]["budcache"]["latent_mse"] is not None
+        assert "gain_over_best_baseline" in metrics[f"budget_{budget}"]["policy"]
+    for plot in ("pareto.png", "mask_map.png"):
+        assert (data / "08_reporting" / "plots" / plot).stat().st_size > 1000
+
+
+def test_alignment_is_tried_only_under_the_budget_fraction(reduced_run):
+    reports = {
+        b: json.loads((reduced_run / "data" / "07_model_output" / "align" / f"budget_{b}.json").read_text())
+        for b in BUDGETS
+    }
+    assert not reports[5]["attempted"] and "max_budget_fraction" in reports[5]["reason"]
+    assert reports[3]["attempted"]
+    final = load_policy(reduced_run / "data" / "06_models" / "policies" / "budget_3.json")
+    assert ("alignment" in final.provenance) == reports[3]["accepted"]
+
+
+def test_register_logs_one_run_and_a_candidate_version_with_lineage_tags(reduced_run):
+    registration = json.loads((reduced_run / "data" / "08_reporting" / "registration.json").read_text())
+    client = client_for(reduced_run)
+    name = registration["registered_model"]
+    assert name == f"budcache-digits-{STEPS}steps"
+    version = client.get_model_version_by_alias(name, CANDIDATE_ALIAS)
+    assert str(version.version) == registration["version"]
+    policy = load_policy(reduced_run / "data" / "06_models" / "policies" / "budget_5.json")
+    assert version.tags["model_fingerprint"] == policy.model_fingerprint
+    assert version.tags["dvc_data_hash"] == registration["dvc_data_hash"]
+    assert version.tags["code_version"] == registration["code_version"]
+    assert version.tags["budgets"] == "3,5"
+
+    run = client.get_run(registration["run_id"])
+    assert run.data.params["search.sa_iterations"] == "8"
+    assert run.data.params["budgets"] == "5,3"
+    assert "budget_3.budcache.latent_mse" in run.data.metrics
+    assert "search.budget_5.evaluations" in run.data.metrics
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "policies", "metrics.csv", "metrics.json"} <= logged
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "policies")} >= {
+        "policies/budget_5.json",
+        "policies/budget_3.json",
+        "policies/SHA256SUMS",
+    }
+
+
+@pytest.fixture(scope="module")
+def fresh_project(tmp_path_factory):
+    """A copy on which nothing has run yet."""
+    project = copy_project(tmp_path_factory.mktemp("fresh") / "project")
+    reduce_configuration(project)
+    return project
+
+
+@pytest.mark.filterwarnings("ignore:Option '--pipeline' is deprecated")
+@pytest.mark.parametrize("flag", ["--pipelines", "--pipeline"])
+def test_search_before_reference_says_what_to_run_first(fresh_project, flag, monkeypatch):
+    """The `kedro` command, invoked in-process: a new interpreter per flag would only add start-up time."""
+    for key, value in environment(fresh_project).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(fresh_project)
+    result = CliRunner().invoke(KedroCLI(project_path=fresh_project), ["run", flag, "search"])
+    assert result.exit_code != 0
+    assert "run `kedro run --pipelines reference` first" in str(result.exception)
+
+
+def test_dvc_repro_runs_everything_then_nothing_and_a_parameter_touches_only_its_stage(tmp_path):
+    project = copy_project(tmp_path / "project")
+    reduce_configuration(project)
+    env = {**environment(project), "DVC_NO_ANALYTICS": "1"}
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "project"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True)
+    dvc = str(Path(env["PATH"].split(":")[0]) / "dvc")
+
+    first = run(project, dvc, "repro", env=env).stdout
+    stages = ("ingest", "reference", "search", "align", "evaluate", "register")
+    assert all(f"Running stage '{stage}'" in first for stage in stages)
+    registration = json.loads((project / "data" / "08_reporting" / "registration.json").read_text())
+    assert registration["data_source"] == "dvc.lock"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(stages)
+
+    second = run(project, dvc, "repro", env=env).stdout
+    assert "Running stage" not in second
+    assert all(f"Stage '{stage}' didn't change" in second for stage in stages)
+
+    parameters = project / "conf" / "base" / "parameters_search.yml"
+    params = yaml.safe_load(parameters.read_text())
+    params["search"]["sa_iterations"] += 1
+    parameters.write_text(yaml.safe_dump(params, sort_keys=False))
+    planned = run(project, dvc, "repro", "--dry", env=env).stdout
+    assert "Running stage 'search'" in planned
+    assert all(f"Stage '{stage}' didn't change" in planned for stage in ("ingest", "reference"))
+    status = run(project, dvc, "status", env=env).stdout
+    assert "search.sa_iterations" in status and "reference:" not in status
