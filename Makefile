@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: run test bench venv
+.PHONY: run test bench repro venv
 
 venv: $(STAMP)
 
@@ -26,3 +26,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/budcache bench runtime --json data/08_reporting/bench_runtime.json
+
+repro: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
