@@ -219,16 +219,14 @@ class _RootHook(ModelHook):
         return module
 
 
-class _BlockHook(ModelHook):
-    """Runs or skips one block; the first block injects cached output, the last stores residuals."""
+class BlockStreamsHook(ModelHook):
+    """Reads a block's image/text streams from its arguments and builds its output tuple.
 
-    _is_stateful = True
+    Uses the block metadata diffusers' cache hooks register, so any block type those hooks know works.
+    """
 
-    def __init__(self, state_manager: StateManager, is_head: bool, is_tail: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.state_manager = state_manager
-        self.is_head = is_head
-        self.is_tail = is_tail
         self._metadata: Any = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -257,6 +255,18 @@ class _BlockHook(ModelHook):
         if meta.return_encoder_hidden_states_index is None:
             return (output[meta.return_hidden_states_index] if isinstance(output, tuple) else output), None
         return output[meta.return_hidden_states_index], output[meta.return_encoder_hidden_states_index]
+
+
+class _BlockHook(BlockStreamsHook):
+    """Runs or skips one block; the first block injects cached output, the last stores residuals."""
+
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager, is_head: bool, is_tail: bool) -> None:
+        super().__init__()
+        self.state_manager = state_manager
+        self.is_head = is_head
+        self.is_tail = is_tail
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state: _ContextState = self.state_manager.get_state()

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import HookRegistry
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from budcache_pipeline.caching.budcache import transformer_blocks
+from budcache_pipeline.caching.budcache import BlockStreamsHook, transformer_blocks
 
 TEACACHE_HOOK = "budcache_teacache"
 _RUNTIME_ATTR = "_budcache_teacache_runtime"
@@ -155,7 +155,7 @@ class TeaCacheRuntime:
         return compute.to(modulated.device)
 
 
-class _TeaBlockHook(ModelHook):
+class _TeaBlockHook(BlockStreamsHook):
     """Head: decides per sample and injects cached residuals; tail: stores fresh residuals per sample."""
 
     _is_stateful = True
@@ -166,34 +166,6 @@ class _TeaBlockHook(ModelHook):
         self.state_manager = runtime.state_manager
         self.is_head = is_head
         self.is_tail = is_tail
-        self._metadata: Any = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._metadata = TransformerBlockRegistry.get(module.__class__)
-        return module
-
-    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        meta = self._metadata
-        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
-        encoder = None
-        if meta.return_encoder_hidden_states_index is not None:
-            encoder = meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
-        return hidden, encoder
-
-    def _as_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
-        meta = self._metadata
-        if meta.return_encoder_hidden_states_index is None:
-            return hidden
-        output: list[Any] = [None, None]
-        output[meta.return_hidden_states_index] = hidden
-        output[meta.return_encoder_hidden_states_index] = encoder
-        return tuple(output)
-
-    def _split_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        meta = self._metadata
-        if meta.return_encoder_hidden_states_index is None:
-            return (output[meta.return_hidden_states_index] if isinstance(output, tuple) else output), None
-        return output[meta.return_hidden_states_index], output[meta.return_encoder_hidden_states_index]
 
     @staticmethod
     def _merge(compute: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
