@@ -19,7 +19,7 @@ from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
-from budcache_pipeline.policy import CachePolicy
+from budcache_pipeline.policy import CachePolicy, model_fingerprint
 
 ROOT_HOOK = "budcache_root"
 BLOCK_HOOK = "budcache_block"
@@ -343,8 +343,6 @@ def enable_budcache(
             "the policy has no sigmas and no pipeline scheduler was given: pass the pipeline, not its transformer"
         )
     if check_fingerprint:
-        from budcache_pipeline.policy import model_fingerprint
-
         found = model_fingerprint(transformer)
         if found != policy.model_fingerprint:
             raise BudCacheError(
