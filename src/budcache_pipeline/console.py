@@ -22,6 +22,13 @@ def _write_json(data: dict, path: str | None) -> None:
         print(f"wrote {path}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _bench_runtime(args: argparse.Namespace) -> int:
     from budcache_pipeline.benchmarks import bench_runtime, format_runtime_table
 
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True)
     runtime = benches.add_parser("runtime", help="speedup of budgets 28/14/10/7/5 over no cache on a bench FLUX model")
     runtime.add_argument("--json", help="also write the result as JSON here")
-    runtime.add_argument("--repeats", type=int, default=5, help="best-of-N timing (default 5)")
+    runtime.add_argument("--repeats", type=_positive_int, default=5, help="best-of-N timing (default 5)")
     runtime.set_defaults(handler=_bench_runtime)
     quality = benches.add_parser("quality", help="searched policies vs heuristic caches on held-out digits prompts")
     quality.add_argument("--json", help="also write the summary and table as JSON here")
@@ -110,16 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="a PNG grid from the embedded default model, optionally under a policy")
     generate.add_argument("--prompt", required=True, help='e.g. "a handwritten seven"')
-    generate.add_argument("--steps", type=int, default=28)
+    generate.add_argument("--steps", type=_positive_int, default=28)
     generate.add_argument("--policy", help="a policy JSON to apply")
     generate.add_argument("--seed", type=int, default=0, help="first seed; the grid uses consecutive seeds")
-    generate.add_argument("--images", type=int, default=8, help="images in the grid (default 8)")
+    generate.add_argument("--images", type=_positive_int, default=8, help="images in the grid (default 8)")
     generate.add_argument("--out", required=True, help="PNG path")
     generate.set_defaults(handler=_generate)
 
     train = commands.add_parser("train-default-model", help="reproduce the shipped default model from scratch")
     train.add_argument("--out", required=True, help="folder for the weights, loss curve and report")
-    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--steps", type=_positive_int, default=3000)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train_default_model)
 
@@ -135,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--alias", default="production")
     pull.add_argument("--out", required=True)
     pull.add_argument("--fingerprint", help="refuse policies made for another model fingerprint")
-    pull.add_argument("--steps", type=int, help="refuse policies made for another number of steps")
+    pull.add_argument("--steps", type=_positive_int, help="refuse policies made for another number of steps")
     pull.set_defaults(handler=_pull)
     return parser
 

@@ -72,6 +72,7 @@ class BudCacheRuntime:
         self.state_manager = StateManager(_ContextState)
         self._mask: tuple[bool, ...] = ()
         self._schedule: torch.Tensor | None = None
+        self._checked_live: tuple[Any, list[float]] | None = None
         self.counts: dict[str, int] = {}
         self.mask = mask
         self.schedule = sigmas
@@ -107,6 +108,7 @@ class BudCacheRuntime:
                 f"schedule has {len(sigmas)} sigmas but the mask has {self.steps} steps: pass steps + 1 sigmas"
             )
         self._schedule = sigmas
+        self._checked_live = None
 
     def compute_counts(self) -> dict[str, int]:
         """Block-stack computations per cache context since that context last started at step 0.
@@ -137,43 +139,55 @@ class BudCacheRuntime:
         self.state_manager._state_cache.clear()
         self.counts.clear()
 
-    def _current_schedule(self) -> torch.Tensor:
-        if self.scheduler is not None:
-            live = self.scheduler.sigmas
-            if live is None or len(live) - 1 != self.steps:
-                found = "no schedule" if live is None else f"{len(live) - 1} steps"
+    def _current_schedule(self) -> list[float]:
+        """The sigmas calls are matched against, as floats; the live scheduler's are checked once per tensor.
+
+        Schedulers build a new sigma tensor on every `set_timesteps`, so a tensor already checked
+        is not checked again: the check would otherwise cost more than a cached step.
+        """
+        if self.scheduler is None:
+            if self._schedule is None:
                 raise BudCacheError(
-                    f"the pipeline runs {found} but the policy was built for {self.steps}: "
-                    f"call it with num_inference_steps={self.steps} and the policy's sigmas"
+                    "no schedule to match timesteps against: give the policy sigmas or enable on a pipeline"
                 )
-            live = live.detach().to("cpu", torch.float64)
-            if self._schedule is not None and not torch.allclose(live, self._schedule, rtol=1e-4, atol=1e-6):
-                raise BudCacheError(
-                    "the pipeline's sigmas differ from the policy's schedule: pass "
-                    "budcache_pipeline.caching.pipeline_sigmas(pipe, policy) as `sigmas=`"
-                )
-            return live
-        if self._schedule is None:
-            raise BudCacheError("no schedule to match timesteps against: give the policy sigmas or enable on a pipeline")
-        return self._schedule
+            if self._checked_live is None:
+                self._checked_live = (None, self._schedule.tolist())
+            return self._checked_live[1]
+        live = self.scheduler.sigmas
+        if self._checked_live is not None and self._checked_live[0] is live:
+            return self._checked_live[1]
+        if live is None or len(live) - 1 != self.steps:
+            found = "no schedule" if live is None else f"{len(live) - 1} steps"
+            raise BudCacheError(
+                f"the pipeline runs {found} but the policy was built for {self.steps}: "
+                f"call it with num_inference_steps={self.steps} and the policy's sigmas"
+            )
+        values = live.detach().to("cpu", torch.float64)
+        if self._schedule is not None and not torch.allclose(values, self._schedule, rtol=1e-4, atol=1e-6):
+            raise BudCacheError(
+                "the pipeline's sigmas differ from the policy's schedule: pass "
+                "budcache_pipeline.caching.pipeline_sigmas(pipe, policy) as `sigmas=`"
+            )
+        self._checked_live = (live, values.tolist())
+        return self._checked_live[1]
 
     def resolve_step(self, timestep: torch.Tensor | float, previous_step: int) -> int:
         """The index of `timestep` in the schedule (sigma units, or 1000x sigma for models that take t)."""
         value = float(torch.as_tensor(timestep).detach().float().max())
         sigmas = self._current_schedule()[:-1]
         sigma = value if value <= 1.0 + 1e-6 else value / 1000.0
-        distance = (sigmas - sigma).abs()
-        tolerance = _MATCH_RELATIVE_TOLERANCE * sigmas.abs() + 1e-6
-        candidates = torch.nonzero(distance <= tolerance).flatten().tolist()
+        distance = [abs(s - sigma) for s in sigmas]
+        tolerance = [_MATCH_RELATIVE_TOLERANCE * abs(s) + 1e-6 for s in sigmas]
+        candidates = [i for i, (d, t) in enumerate(zip(distance, tolerance)) if d <= t]
         if not candidates:
             raise BudCacheError(
                 f"timestep {value:.6g} is not in the policy's schedule "
-                f"(sigmas {sigmas[0].item():.4g} … {sigmas[-1].item():.4g}, {self.steps} steps): "
+                f"(sigmas {sigmas[0]:.4g} … {sigmas[-1]:.4g}, {self.steps} steps): "
                 "run the pipeline with the policy's number of steps and sigmas"
             )
         if previous_step + 1 in candidates:
             return previous_step + 1
-        return min(candidates, key=lambda i: distance[i].item())
+        return min(candidates, key=distance.__getitem__)
 
 
 class _RootHook(ModelHook):
