@@ -44,6 +44,24 @@ def test_shipped_json_schema_accepts_a_saved_policy():
     jsonschema.validate(valid(), policy_schema())
 
 
+def test_linear_forecast_round_trips_and_matches_the_schema(tmp_path):
+    policy = CachePolicy.from_dict({**valid(), "forecast": "linear"})
+    assert policy.forecast == "linear"
+    again = load_policy(policy.save(tmp_path / "p.json"))
+    assert again == policy and again.to_json() == policy.to_json()
+    jsonschema.validate(json.loads(policy.to_json()), policy_schema())
+
+
+def test_version_1_files_still_load_as_reuse_and_round_trip_unchanged(tmp_path):
+    old = {key: value for key, value in valid().items() if key != "forecast"} | {"schema_version": 1}
+    jsonschema.validate(old, policy_schema())
+    policy = load_policy(write(tmp_path, old))
+    assert policy.forecast == "reuse" and policy.schema_version == 1
+    assert json.loads(policy.to_json()) == old
+    with pytest.raises(PolicyError, match="for schema version 1"):
+        CachePolicy(mask=(True,), model_name="m", model_fingerprint="f", schema_version=1, forecast="linear")
+
+
 def test_uniform_mask_spreads_the_budget_and_includes_step_zero():
     mask = uniform_mask(28, 7)
     assert sum(mask) == 7 and mask[0]
@@ -71,7 +89,10 @@ def mutate(**changes):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (mutate(schema_version=2), "'schema_version' is 2, this version of budcache reads 1"),
+        (mutate(schema_version=3), "'schema_version' is 3, this version of budcache reads \\[1, 2\\]"),
+        (mutate(forecast="quadratic"), "'forecast' is 'quadratic': use one of \\['reuse', 'linear'\\]"),
+        (mutate(forecast=KeyError), "missing field\\(s\\) \\['forecast'\\]"),
+        (mutate(schema_version=1), "unknown field\\(s\\) \\['forecast'\\] for schema version 1"),
         (mutate(mask=[True, False, True]), "'mask' has 3 entries but 'steps' is 4"),
         (mutate(budget=3), "'budget' is 3 but 'mask' has 2 compute steps: set budget to the count of true"),
         (mutate(mask=[False, True, True, False]), "caches step 0.*set mask\\[0\\] to true"),

@@ -194,6 +194,7 @@ def bench_quality(
     search_options: dict[str, Any] | None = None,
     align: bool = True,
     align_iterations: int = 40,
+    forecast: str = "linear",
     timing_images: int = 8,
     image_metrics: bool = True,
     out_dir: str | None = None,
@@ -205,6 +206,7 @@ def bench_quality(
     on the first pair alone, as the published code calibrates) and every baseline's
     bisection; the table compares all of them on the held-out pairs. `pipe` defaults
     to the shipped digits model; image metrics need a pipe with `decode_latents`.
+    `forecast` is the searched policies' forecast ("reuse" is the paper's plain reuse).
     """
     import pathlib
 
@@ -287,7 +289,7 @@ def bench_quality(
                 source = data if data is not None else calibration.subset(slice(0, 1))
                 extra["teacache"] = teacache_mask(tea_by_budget[budget], source, budget)
             clock, cpu_clock = time.perf_counter(), time.process_time()
-            objective = MaskObjective(pipe, ref)
+            objective = MaskObjective(pipe, ref, forecast=forecast)
             result = search_policy(objective, budget, extra_starts=extra, **options)
             seconds = time.perf_counter() - clock
             entry[label] = {"result": result, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_clock}
@@ -298,16 +300,16 @@ def bench_quality(
                 f"mask {''.join('1' if m else '0' for m in result.mask)}"
             )
         multi = entry["multi"]["result"]
-        methods.append(EvalMethod("budcache", budget, CacheMethod.fixed(multi.mask),
+        methods.append(EvalMethod("budcache", budget, CacheMethod.fixed(multi.mask, forecast=forecast),
                                   {"calibration_loss": multi.loss}))
         methods.append(EvalMethod("budcache_single", budget,
-                                  CacheMethod.fixed(entry["single"]["result"].mask),
+                                  CacheMethod.fixed(entry["single"]["result"].mask, forecast=forecast),
                                   {"calibration_loss": entry["single"]["result"].loss}))
         if align and budget / steps <= ALIGN_MAX_BUDGET_FRACTION:
             clock = time.perf_counter()
             aligned = min(
                 (align_schedule(pipe, calibration_ref, multi.mask, variant=variant, iterations=align_iterations,
-                                progress=False) for variant in ("full", "segment")),
+                                progress=False, forecast=forecast) for variant in ("full", "segment")),
                 key=lambda a: a.loss_after,
             )
             entry["alignment"] = {"variant": aligned.variant, "calibration_loss_before": aligned.loss_before,
@@ -316,7 +318,7 @@ def bench_quality(
             progress(f"alignment B={budget}: {aligned.variant} {aligned.loss_before:.4g} -> {aligned.loss_after:.4g}")
             if aligned.improved:
                 methods.append(EvalMethod("budcache_aligned", budget,
-                                          CacheMethod.fixed(multi.mask, aligned.sigmas),
+                                          CacheMethod.fixed(multi.mask, aligned.sigmas, forecast),
                                           {"calibration_loss": aligned.loss_after, "variant": aligned.variant}))
         searches[budget] = entry
     for c in calibrations:
@@ -356,6 +358,7 @@ def bench_quality(
         "calibration_prompts": [p for p, _, _ in calibration_pairs],
         "holdout_prompts": [p for p, _, _ in holdout_pairs],
         "align_iterations": align_iterations,
+        "forecast": forecast,
     }
     return _quality_summary(
         table, searches, calibrations, unreachable, budgets, num_blocks, timings, settings, calibrator

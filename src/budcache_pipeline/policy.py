@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 _FLOAT_DIGITS = 9
-_TOP_LEVEL_FIELDS = {"schema_version", "mask", "budget", "steps", "sigmas", "model", "provenance"}
+_V1_FIELDS = {"schema_version", "mask", "budget", "steps", "sigmas", "model", "provenance"}
+_TOP_LEVEL_FIELDS = {1: _V1_FIELDS, 2: _V1_FIELDS | {"forecast"}}
+FORECASTS = ("reuse", "linear")
 _MODEL_FIELDS = {"name", "fingerprint"}
 
 
@@ -62,7 +65,13 @@ def model_fingerprint(transformer: torch.nn.Module) -> str:
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """A fixed-budget step mask: `mask[i]` is True when step i computes the block stack."""
+    """A fixed-budget step mask: `mask[i]` is True when step i computes the block stack.
+
+    `forecast` says what a cached step adds to the stack's input: "reuse" (the paper's
+    method) adds the last computed residual; "linear" extrapolates it in sigma from the
+    last two computed residuals (TaylorSeer's idea at the level of the whole stack), at
+    the same budget. Schema version 1 files predate `forecast` and read as "reuse".
+    """
 
     mask: tuple[bool, ...]
     model_name: str
@@ -70,6 +79,7 @@ class CachePolicy:
     sigmas: tuple[float, ...] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    forecast: str = "reuse"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mask", tuple(self.mask))
@@ -111,7 +121,7 @@ class CachePolicy:
         return replace(self, provenance={**self.provenance, **entries})
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema_version": self.schema_version,
             "mask": list(self.mask),
             "budget": self.budget,
@@ -120,6 +130,9 @@ class CachePolicy:
             "model": {"name": self.model_name, "fingerprint": self.model_fingerprint},
             "provenance": self.provenance,
         }
+        if self.schema_version >= 2 or self.forecast != "reuse":
+            data["forecast"] = self.forecast
+        return data
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, fixed float precision, trailing newline."""
@@ -141,6 +154,7 @@ class CachePolicy:
             sigmas=tuple(data["sigmas"]) if data["sigmas"] is not None else None,
             provenance=data["provenance"],
             schema_version=data["schema_version"],
+            forecast=data.get("forecast", "reuse"),
         )
 
     @classmethod
@@ -186,20 +200,28 @@ def _validate(data: Any) -> None:
     """Reject every policy that could not be deployed exactly as searched."""
     if not isinstance(data, dict):
         raise PolicyError(f"policy must be a JSON object, got {type(data).__name__}")
-    missing = sorted(_TOP_LEVEL_FIELDS - data.keys())
-    if missing:
-        raise PolicyError(f"missing field(s) {missing}: a policy needs all of {sorted(_TOP_LEVEL_FIELDS)}")
-    unknown = sorted(data.keys() - _TOP_LEVEL_FIELDS)
-    if unknown:
-        raise PolicyError(f"unknown field(s) {unknown}: remove them (allowed: {sorted(_TOP_LEVEL_FIELDS)})")
-
+    if "schema_version" not in data:
+        raise PolicyError(f"missing field(s) ['schema_version']: a policy needs all of {sorted(_TOP_LEVEL_FIELDS[2])}")
     version = data["schema_version"]
     _require_type("schema_version", version, int, "an integer")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise PolicyError(
-            f"field 'schema_version' is {version}, this version of budcache reads {SCHEMA_VERSION}: "
+            f"field 'schema_version' is {version}, this version of budcache reads {list(READABLE_SCHEMA_VERSIONS)}: "
             "re-export the policy with a matching budcache version"
         )
+    fields = _TOP_LEVEL_FIELDS[version]
+    missing = sorted(fields - data.keys())
+    if missing:
+        raise PolicyError(f"missing field(s) {missing}: a version {version} policy needs all of {sorted(fields)}")
+    unknown = sorted(data.keys() - fields)
+    if unknown:
+        raise PolicyError(
+            f"unknown field(s) {unknown} for schema version {version}: remove them (allowed: {sorted(fields)})"
+        )
+    if version >= 2:
+        _require_type("forecast", data["forecast"], str, f"one of {list(FORECASTS)}")
+        if data["forecast"] not in FORECASTS:
+            raise PolicyError(f"field 'forecast' is {data['forecast']!r}: use one of {list(FORECASTS)}")
 
     mask, steps, budget = data["mask"], data["steps"], data["budget"]
     _require_type("mask", mask, list, "a list of booleans")

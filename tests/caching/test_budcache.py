@@ -107,6 +107,43 @@ def test_stock_flux_pipeline_equals_our_sampler_for_random_masks(flux_pipe):
         assert (ours.final - from_pipeline).abs().max().item() <= 1e-5
 
 
+def test_linear_forecast_on_the_stock_pipeline_equals_our_sampler(flux_pipe):
+    sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
+    call_sigmas = scheduler_input_sigmas(flux_pipe.scheduler, sigmas, image_seq_len(flux_pipe, SIZE, SIZE))
+    rng = random.Random(1)
+    for _ in range(3):
+        mask = random_mask(STEPS, 7, rng)
+        policy = CachePolicy(mask=mask, model_name="t", model_fingerprint="x", sigmas=sigmas, forecast="linear")
+        runtime = enable_budcache(flux_pipe, policy)
+        from_pipeline = run_flux(flux_pipe, sigmas=call_sigmas)
+        assert runtime.compute_counts() == {"cond": 7}
+        disable_budcache(flux_pipe)
+        reuse = sampler_rollout(flux_pipe, CachePolicy(mask=mask, model_name="t", model_fingerprint="x", sigmas=sigmas))
+        ours = sampler_rollout(flux_pipe, policy)
+        assert (ours.final - from_pipeline).abs().max().item() <= 1e-5
+        assert (ours.final - reuse.final).abs().max().item() > 1e-4, "the forecast must change cached steps"
+
+
+def test_linear_forecast_extrapolates_the_last_two_residuals_in_sigma(flux_pipe):
+    sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
+    mask = [True, True, False] + [True] * (STEPS - 3)
+    policy = CachePolicy(mask=mask, model_name="t", model_fingerprint="x", sigmas=sigmas, forecast="linear")
+    prompt_embeds, pooled = flux_inputs()
+    latents, image_ids = flux_pipe.prepare_latents(2, 4, SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    denoiser = FluxDenoiser(flux_pipe.transformer, prompt_embeds, pooled, torch.zeros(8, 3), image_ids)
+    runtime = enable_budcache(flux_pipe.transformer, policy)
+    try:
+        states = rollout(denoiser, runtime, latents, torch.tensor(sigmas), capture=(1, 2, 3)).states
+    finally:
+        disable_budcache(flux_pipe.transformer)
+    first, second, after_cached = (next(iter(states[k].cache.values())) for k in (1, 2, 3))
+    assert first.slope_hidden is None, "one computed residual has no slope yet"
+    expected = (second.residual_hidden - first.residual_hidden) / (sigmas[1] - sigmas[0])
+    assert torch.allclose(second.slope_hidden, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(second.residual_sigma, torch.full((2,), sigmas[1]))
+    assert after_cached.residual_hidden is second.residual_hidden, "a cached step stores nothing new"
+
+
 def test_cached_steps_run_no_block_but_still_run_norm_out_and_proj_out(flux_pipe):
     transformer = flux_pipe.transformer
     calls = {"blocks": 0, "norm_out": 0, "proj_out": 0}

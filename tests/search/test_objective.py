@@ -13,9 +13,10 @@ from budcache_pipeline.search import MaskObjective, latent_mse_per_sample
 from tests.search.conftest import STEPS, random_mask
 
 
-def test_prefix_reuse_gives_the_losses_of_full_rollouts(pipe, reference):
-    reusing = MaskObjective(pipe, reference, max_cached_states=64)
-    fresh = MaskObjective(pipe, reference, max_cached_states=0)
+@pytest.mark.parametrize("forecast", ["reuse", "linear"])
+def test_prefix_reuse_gives_the_losses_of_full_rollouts(pipe, reference, forecast):
+    reusing = MaskObjective(pipe, reference, max_cached_states=64, forecast=forecast)
+    fresh = MaskObjective(pipe, reference, max_cached_states=0, forecast=forecast)
     generator = torch.Generator().manual_seed(0)
     base = uniform_mask(STEPS, 5)
     masks = [base]
@@ -70,15 +71,18 @@ def test_bad_masks_are_refused(objective):
         objective([False] + [True] * (STEPS - 1))
 
 
-def test_batched_candidates_equal_one_sampler_rollout_each(pipe, reference):
-    objective = MaskObjective(pipe, reference, max_rows_per_forward=2 * len(reference))
+@pytest.mark.parametrize("forecast", ["reuse", "linear"])
+def test_batched_candidates_equal_one_sampler_rollout_each(pipe, reference, forecast):
+    objective = MaskObjective(pipe, reference, max_rows_per_forward=2 * len(reference), forecast=forecast)
     generator = torch.Generator().manual_seed(1)
     masks = [random_mask(STEPS, b, generator) for b in (2, 4, 4, 7, 11)] + [uniform_mask(STEPS, 4)] * 2
     losses = objective.evaluate_many(masks)
     assert losses[-1] == losses[-2] and objective.stats["memo_hits"] == 1
     sigmas = torch.tensor(reference.sigmas)
     for mask, loss in zip(masks, losses):
-        policy = CachePolicy(mask=mask, model_name="t", model_fingerprint="t", sigmas=reference.sigmas)
+        policy = CachePolicy(
+            mask=mask, model_name="t", model_fingerprint="t", sigmas=reference.sigmas, forecast=forecast
+        )
         runtime = enable_budcache(pipe.transformer, policy)
         try:
             with torch.no_grad():
@@ -87,3 +91,14 @@ def test_batched_candidates_equal_one_sampler_rollout_each(pipe, reference):
             disable_budcache(pipe.transformer)
         expected = float(latent_mse_per_sample(final, reference.final).double().mean())
         assert abs(loss - expected) <= 1e-6 * expected
+
+
+def test_linear_forecast_scores_masks_differently_and_unknown_forecasts_are_refused(pipe, reference):
+    reuse = MaskObjective(pipe, reference)
+    linear = MaskObjective(pipe, reference, forecast="linear")
+    two_computes_then_cached = [True, True] + [False] * (STEPS - 2)
+    one_compute = [True] + [False] * (STEPS - 1)
+    assert linear(two_computes_then_cached) != reuse(two_computes_then_cached)
+    assert linear(one_compute) == reuse(one_compute), "with one computed residual there is no slope to follow"
+    with pytest.raises(ValueError, match="unknown forecast 'cubic'"):
+        MaskObjective(pipe, reference, forecast="cubic")

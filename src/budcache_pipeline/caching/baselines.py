@@ -68,15 +68,18 @@ class CacheMethod:
         return cls("none")
 
     @classmethod
-    def fixed(cls, mask: Sequence[bool], sigmas: Sequence[float] | None = None) -> CacheMethod:
+    def fixed(
+        cls, mask: Sequence[bool], sigmas: Sequence[float] | None = None, forecast: str = "reuse"
+    ) -> CacheMethod:
         """A fixed mask run by BudCache's runtime, on its own (e.g. aligned) sigmas when given."""
         return cls("policy", {"mask": tuple(bool(m) for m in mask),
-                              "sigmas": tuple(float(s) for s in sigmas) if sigmas is not None else None})
+                              "sigmas": tuple(float(s) for s in sigmas) if sigmas is not None else None,
+                              "forecast": forecast})
 
     @classmethod
     def policy(cls, policy: CachePolicy) -> CacheMethod:
-        """A registered policy's mask (and its own sigmas, when it carries aligned ones)."""
-        return cls.fixed(policy.mask, policy.sigmas)
+        """A registered policy's mask and forecast (and its own sigmas, when it carries aligned ones)."""
+        return cls.fixed(policy.mask, policy.sigmas, policy.forecast)
 
     @classmethod
     def uniform(cls, steps: int, budget: int) -> CacheMethod:
@@ -290,7 +293,9 @@ class _Enabled:
                 raise BaselineError(f"the mask has {len(p['mask'])} steps, the sampler {self.steps}")
             if len(self.sigmas) != self.steps + 1:
                 raise BaselineError(f"the method's sigmas describe {len(self.sigmas) - 1} steps, the mask {self.steps}")
-            policy = CachePolicy(p["mask"], "baseline", "baseline", sigmas=self.sigmas.tolist())
+            policy = CachePolicy(
+                p["mask"], "baseline", "baseline", sigmas=self.sigmas.tolist(), forecast=p.get("forecast", "reuse")
+            )
             self.runtime = enable_budcache(self.transformer, policy)
         elif kind == "teacache":
             config = TeaCacheConfig(p["threshold"], self.steps, p["coefficients"])

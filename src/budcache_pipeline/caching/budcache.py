@@ -3,7 +3,8 @@
 On a compute step the block stack runs and its residual (output minus input, per
 stream) is stored; on a cached step no block runs and the stack's output is its
 input plus the stored residual, while the embedders, `norm_out` and `proj_out`
-still run with the current timestep. The step index is found by matching the
+still run with the current timestep. Under a "linear" forecast the cached step adds
+the residual extrapolated in sigma from the last two computed ones instead. The step index is found by matching the
 call's timestep against the schedule, so a caller that skips or repeats calls
 cannot silently shift the mask.
 """
@@ -19,7 +20,7 @@ from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
-from budcache_pipeline.policy import CachePolicy, model_fingerprint
+from budcache_pipeline.policy import FORECASTS, CachePolicy, model_fingerprint
 
 ROOT_HOOK = "budcache_root"
 BLOCK_HOOK = "budcache_block"
@@ -34,12 +35,19 @@ class BudCacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class ContextSnapshot:
-    """What a cache context carries from one step to the next: the step and its stored residuals."""
+    """What a cache context carries from one step to the next: the step and its stored residuals.
+
+    Under a linear forecast it also carries the residuals' slopes in sigma and, per batch
+    row, the sigma of the step that computed them.
+    """
 
     step: int
     residual_hidden: torch.Tensor | None
     residual_encoder: torch.Tensor | None
     computed: int
+    slope_hidden: torch.Tensor | None = None
+    slope_encoder: torch.Tensor | None = None
+    residual_sigma: torch.Tensor | None = None
 
 
 class _ContextState(BaseState):
@@ -50,9 +58,13 @@ class _ContextState(BaseState):
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         self.step = -1
+        self.sigma = 0.0
         self.compute = True
         self.residual_hidden: torch.Tensor | None = None
         self.residual_encoder: torch.Tensor | None = None
+        self.slope_hidden: torch.Tensor | None = None
+        self.slope_encoder: torch.Tensor | None = None
+        self.residual_sigma: torch.Tensor | None = None
         self.head_hidden: torch.Tensor | None = None
         self.head_encoder: torch.Tensor | None = None
 
@@ -66,7 +78,11 @@ class BudCacheRuntime:
         mask: list[bool],
         sigmas: list[float] | None,
         scheduler: Any | None,
+        forecast: str = "reuse",
     ) -> None:
+        if forecast not in FORECASTS:
+            raise BudCacheError(f"unknown forecast {forecast!r}: use one of {list(FORECASTS)}")
+        self.forecast = forecast
         self.transformer = transformer
         self.scheduler = scheduler
         self.state_manager = StateManager(_ContextState)
@@ -120,7 +136,15 @@ class BudCacheRuntime:
     def snapshot(self) -> dict[str, ContextSnapshot]:
         """Everything a later call needs to continue this rollout, per cache context."""
         return {
-            name: ContextSnapshot(state.step, state.residual_hidden, state.residual_encoder, self.counts.get(name, 0))
+            name: ContextSnapshot(
+                state.step,
+                state.residual_hidden,
+                state.residual_encoder,
+                self.counts.get(name, 0),
+                state.slope_hidden,
+                state.slope_encoder,
+                state.residual_sigma,
+            )
             for name, state in self.state_manager._state_cache.items()
         }
 
@@ -132,6 +156,8 @@ class BudCacheRuntime:
             state.step = snap.step
             state.residual_hidden = snap.residual_hidden
             state.residual_encoder = snap.residual_encoder
+            state.slope_hidden, state.slope_encoder = snap.slope_hidden, snap.slope_encoder
+            state.residual_sigma = snap.residual_sigma
             self.counts[name] = snap.computed
             self.state_manager._state_cache[name] = state
 
@@ -218,6 +244,7 @@ class _RootHook(ModelHook):
                 f"'{self.state_manager.context.name}': start generations at the first sigma"
             )
         state.step = step
+        state.sigma = self.runtime._current_schedule()[step]
         state.compute = self.runtime.mask[step]
         name = self.state_manager.context.name
         self.runtime.counts[name] = (0 if step == 0 else self.runtime.counts.get(name, 0)) + int(state.compute)
@@ -276,9 +303,10 @@ class _BlockHook(BlockStreamsHook):
 
     _is_stateful = True
 
-    def __init__(self, state_manager: StateManager, is_head: bool, is_tail: bool) -> None:
+    def __init__(self, runtime: BudCacheRuntime, is_head: bool, is_tail: bool) -> None:
         super().__init__()
-        self.state_manager = state_manager
+        self.runtime = runtime
+        self.state_manager = runtime.state_manager
         self.is_head = is_head
         self.is_tail = is_tail
 
@@ -290,24 +318,50 @@ class _BlockHook(BlockStreamsHook):
                 state.head_hidden, state.head_encoder = hidden, encoder
             output = self.fn_ref.original_forward(*args, **kwargs)
             if self.is_tail:
-                out_hidden, out_encoder = self._split_output(output)
-                state.residual_hidden = out_hidden - state.head_hidden
-                state.residual_encoder = (
-                    out_encoder - state.head_encoder
-                    if out_encoder is not None and state.head_encoder is not None
-                    else None
-                )
-                state.head_hidden = state.head_encoder = None
+                self._store(state, *self._split_output(output))
             return output
         if self.is_head:
-            hidden = hidden + state.residual_hidden
+            delta = self._since_residual(state, hidden)
+            hidden = hidden + _forecast(state.residual_hidden, state.slope_hidden, delta)
             if encoder is not None and state.residual_encoder is not None:
-                encoder = encoder + state.residual_encoder
+                encoder = encoder + _forecast(state.residual_encoder, state.slope_encoder, delta)
         return self._as_output(hidden, encoder)
+
+    def _store(self, state: _ContextState, out_hidden: torch.Tensor, out_encoder: torch.Tensor | None) -> None:
+        """Keep the stack's residuals (and, for a linear forecast, their slopes since the previous ones)."""
+        hidden = out_hidden - state.head_hidden
+        encoder = (
+            out_encoder - state.head_encoder if out_encoder is not None and state.head_encoder is not None else None
+        )
+        if self.runtime.forecast == "linear":
+            if state.residual_hidden is not None and state.residual_sigma is not None:
+                delta = self._since_residual(state, hidden)
+                state.slope_hidden = (hidden - state.residual_hidden) / delta
+                state.slope_encoder = (
+                    (encoder - state.residual_encoder) / delta
+                    if encoder is not None and state.residual_encoder is not None
+                    else None
+                )
+            state.residual_sigma = torch.full((hidden.shape[0],), state.sigma, dtype=hidden.dtype, device=hidden.device)
+        state.residual_hidden, state.residual_encoder = hidden, encoder
+        state.head_hidden = state.head_encoder = None
+
+    @staticmethod
+    def _since_residual(state: _ContextState, like: torch.Tensor) -> torch.Tensor | None:
+        """Current sigma minus the sigma each row's residual was computed at, shaped to broadcast."""
+        if state.residual_sigma is None:
+            return None
+        return (state.sigma - state.residual_sigma).reshape(-1, *([1] * (like.dim() - 1)))
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
+
+
+def _forecast(residual: torch.Tensor, slope: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
+    if slope is None or delta is None:
+        return residual
+    return residual + delta * slope
 
 
 def _transformer_and_scheduler(pipe_or_transformer: Any) -> tuple[torch.nn.Module, Any | None]:
@@ -363,10 +417,12 @@ def enable_budcache(
                 f"policy was searched for model fingerprint {policy.model_fingerprint}, this transformer is {found}"
             )
     blocks = transformer_blocks(transformer)
-    runtime = BudCacheRuntime(transformer, list(policy.mask), list(policy.sigmas) if policy.sigmas else None, scheduler)
+    runtime = BudCacheRuntime(
+        transformer, list(policy.mask), list(policy.sigmas) if policy.sigmas else None, scheduler, policy.forecast
+    )
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_RootHook(runtime), ROOT_HOOK)
     for index, (_, block) in enumerate(blocks):
-        hook = _BlockHook(runtime.state_manager, is_head=index == 0, is_tail=index == len(blocks) - 1)
+        hook = _BlockHook(runtime, is_head=index == 0, is_tail=index == len(blocks) - 1)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     setattr(transformer, _RUNTIME_ATTR, runtime)

@@ -74,8 +74,8 @@ def _rounded(sigmas: torch.Tensor) -> list[float]:
 class _Rollouts:
     """Differentiable cached rollouts of a reference under a fixed mask."""
 
-    def __init__(self, pipe: Any, reference: ReferenceSet, mask: Sequence[bool]) -> None:
-        self.objective = MaskObjective(pipe, reference, max_cached_states=0)
+    def __init__(self, pipe: Any, reference: ReferenceSet, mask: Sequence[bool], forecast: str) -> None:
+        self.objective = MaskObjective(pipe, reference, max_cached_states=0, forecast=forecast)
         self.mask = [bool(m) for m in mask]
         if len(self.mask) != reference.steps:
             raise ValueError(f"mask has {len(self.mask)} entries, the reference has {reference.steps} steps")
@@ -84,7 +84,7 @@ class _Rollouts:
 
     def loss(self, sigmas: torch.Tensor) -> torch.Tensor:
         o = self.objective
-        with budcache_session(o.pipe.transformer, sigmas.detach().tolist()) as runtime:
+        with budcache_session(o.pipe.transformer, sigmas.detach().tolist(), o.forecast) as runtime:
             final = rollout(o.denoiser, runtime, o.noise, sigmas, mask=self.mask).final
         return o.loss(final, o.target).mean()
 
@@ -99,19 +99,21 @@ def align_schedule(
     lr: float = 0.05,
     seed: int = 0,
     progress: bool = True,
+    forecast: str = "reuse",
 ) -> AlignmentResult:
     """Sigmas that minimise the calibration loss of `mask` (never worse than the reference's).
 
     Adam on the softmax logits of the sigma increments, full batch; the best schedule
     seen is returned at policy precision, and its loss is re-measured at that precision.
-    `seed` fixes torch's RNG for the run.
+    `seed` fixes torch's RNG for the run. Under a linear `forecast` the extrapolation
+    coefficients count as constants of the schedule (the hooks read sigmas as plain numbers).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown alignment variant {variant!r}: use one of {VARIANTS}")
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     torch.manual_seed(seed)
-    runs = _Rollouts(pipe, reference, mask)
+    runs = _Rollouts(pipe, reference, mask, forecast)
     device = runs.objective.sigmas.device
     base = torch.tensor(reference.sigmas, dtype=torch.float64, device=device)
     fixed = anchors(runs.mask, variant)
@@ -150,11 +152,11 @@ def align_schedule(
 
 
 def holdout_losses(
-    pipe: Any, holdout: ReferenceSet, mask: Sequence[bool], sigmas: Sequence[float]
+    pipe: Any, holdout: ReferenceSet, mask: Sequence[bool], sigmas: Sequence[float], forecast: str = "reuse"
 ) -> tuple[float, float]:
     """Held-out loss of `mask` with the reference's sigmas and with `sigmas` (for `accept_alignment`)."""
-    before = MaskObjective(pipe, holdout, max_cached_states=0)(mask)
-    after = MaskObjective(pipe, holdout, max_cached_states=0, sigmas=sigmas)(mask)
+    before = MaskObjective(pipe, holdout, max_cached_states=0, forecast=forecast)(mask)
+    after = MaskObjective(pipe, holdout, max_cached_states=0, sigmas=sigmas, forecast=forecast)(mask)
     return before, after
 
 

@@ -70,6 +70,7 @@ class SearchResult:
     starts: list[dict[str, Any]]
     history: pd.DataFrame
     cost: dict[str, Any]
+    forecast: str = "reuse"
 
     @property
     def spread(self) -> dict[str, Any]:
@@ -93,6 +94,7 @@ class SearchResult:
             "starts": self.starts,
             "history": self.history.to_dict(orient="records"),
             "cost": self.cost,
+            "forecast": self.forecast,
         }
 
     @classmethod
@@ -105,6 +107,7 @@ class SearchResult:
             starts=data["starts"],
             history=_history_frame(data["history"]),
             cost=data["cost"],
+            forecast=data.get("forecast", "reuse"),
         )
 
 
@@ -272,6 +275,7 @@ def search_policy(
         "reference": objective.reference.manifest.get("prompts_seeds_sha256"),
         "model_fingerprint": objective.reference.manifest.get("model_fingerprint"),
         "sigmas": objective.schedule,
+        "forecast": objective.forecast,
         "loss": getattr(objective.loss, "__qualname__", repr(objective.loss)),
     }
     state = _Checkpoint(checkpoint, signature)
@@ -404,6 +408,7 @@ def search_policy(
         starts=outcomes,
         history=_history_frame([row for chain in chains for row in chain["history"]]),
         cost=meter.now(),
+        forecast=objective.forecast,
     )
     state.data["result"] = result.to_dict()
     state.save()
@@ -450,4 +455,5 @@ def result_to_policy(
         model_fingerprint=model_fingerprint,
         sigmas=tuple(sigmas) if sigmas is not None else None,
         provenance=provenance_now(**entries),
+        forecast=result.forecast,
     )

@@ -22,7 +22,7 @@ import torch
 
 from budcache_pipeline.caching import BudCacheRuntime, ContextSnapshot, disable_budcache, enable_budcache, get_runtime
 from budcache_pipeline.models.flux import FluxDenoiser, prepare_batch
-from budcache_pipeline.policy import CachePolicy, model_fingerprint
+from budcache_pipeline.policy import FORECASTS, CachePolicy, model_fingerprint
 from budcache_pipeline.sampling import RolloutState, euler_step
 from budcache_pipeline.search.reference import ReferenceError, ReferenceSet, check_uncached
 
@@ -45,11 +45,15 @@ def key_mask(key: str) -> list[bool]:
 
 
 @contextmanager
-def budcache_session(transformer: torch.nn.Module, sigmas: Sequence[float]) -> Iterator[BudCacheRuntime]:
+def budcache_session(
+    transformer: torch.nn.Module, sigmas: Sequence[float], forecast: str = "reuse"
+) -> Iterator[BudCacheRuntime]:
     """BudCache hooks on `transformer` for the duration of a block, so the pipe is left untouched afterwards."""
     check_uncached(transformer)
     steps = len(sigmas) - 1
-    policy = CachePolicy(mask=(True,) * steps, model_name="search", model_fingerprint="search", sigmas=list(sigmas))
+    policy = CachePolicy(
+        mask=(True,) * steps, model_name="search", model_fingerprint="search", sigmas=list(sigmas), forecast=forecast
+    )
     runtime = enable_budcache(transformer, policy)
     try:
         yield runtime
@@ -68,7 +72,7 @@ class MaskObjective:
     `start_block_stack_calls` (in full-batch units) and `start_wall_seconds`.
     `sigmas` overrides the reference's schedule (to score learned schedules against
     the same teachers); `max_rows_per_forward` bounds how many candidate rows share a
-    forward (memory on big models).
+    forward (memory on big models); `forecast` is the policy's forecast the masks are scored under.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class MaskObjective:
         *,
         sigmas: Sequence[float] | None = None,
         max_rows_per_forward: int = 1024,
+        forecast: str = "reuse",
     ) -> None:
         if len(reference) == 0:
             raise ReferenceError("the reference set is empty: give at least one (prompt, seed) pair")
@@ -92,6 +97,9 @@ class MaskObjective:
             )
         if max_cached_states < 0:
             raise ValueError(f"max_cached_states must be >= 0, got {max_cached_states}")
+        if forecast not in FORECASTS:
+            raise ValueError(f"unknown forecast {forecast!r}: use one of {list(FORECASTS)}")
+        self.forecast = forecast
         self.pipe = pipe
         self.reference = reference
         self.loss = loss
@@ -154,6 +162,7 @@ class MaskObjective:
                 self.max_cached_states,
                 sigmas=self.schedule,
                 max_rows_per_forward=self.max_rows_per_forward,
+                forecast=self.forecast,
             )
         return self.cache[key]
 
@@ -255,7 +264,9 @@ class MaskObjective:
             caches.append({} if state is None else state.cache)
         keep = self.max_cached_states > 0
         computed = 0
-        with torch.inference_mode(), budcache_session(self.pipe.transformer, self.schedule) as runtime:
+        with torch.inference_mode(), budcache_session(
+            self.pipe.transformer, self.schedule, self.forecast
+        ) as runtime:
             for step in range(min(begins), self.steps):
                 members: dict[str, list[int]] = {}
                 for k, begin in enumerate(begins):
@@ -265,7 +276,8 @@ class MaskObjective:
                     group = [ks[0] for prefix, ks in members.items() if (prefix[-1] == "1") == flag]
                     if not group:
                         continue
-                    runtime.restore(_stack_caches([caches[k] for k in group], step, flag))
+                    stack_residuals = not flag or self.forecast == "linear"
+                    runtime.restore(_stack_caches([caches[k] for k in group], step, stack_residuals))
                     runtime.mask = [True] * step + [flag] + [True] * (self.steps - step - 1)
                     x = torch.cat([latents[k] for k in group]) if len(group) > 1 else latents[group[0]]
                     velocity = self._tiled(len(group)).velocity(x, self.sigmas[step])
@@ -344,19 +356,26 @@ def tile_denoiser(denoiser: Any, copies: int) -> Any:
     )
 
 
-def _stack_caches(caches: list[dict[str, ContextSnapshot]], step: int, compute: bool) -> dict[str, ContextSnapshot]:
-    """One snapshot whose residuals are the group's residuals stacked in row order.
+def _stack_caches(
+    caches: list[dict[str, ContextSnapshot]], step: int, with_residuals: bool
+) -> dict[str, ContextSnapshot]:
+    """One snapshot whose residuals (and slopes) are the group's stacked in row order.
 
-    A compute step needs no residual (it makes a new one), so none is stacked for it.
+    A compute step under plain reuse needs no residual (it makes a new one), so none is
+    stacked for it. A row without a slope yet (one compute so far) gets a zero slope,
+    which forecasts exactly what reuse gives.
     """
     names = caches[0].keys()
-    if compute:
+    if not with_residuals:
         return {name: ContextSnapshot(step - 1, None, None, 0) for name in names}
 
     def stacked(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-        if tensors[0] is None:
+        present = next((t for t in tensors if t is not None), None)
+        if present is None:
             return None
-        return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        if len(tensors) == 1:
+            return present
+        return torch.cat([torch.zeros_like(present) if t is None else t for t in tensors])
 
     return {
         name: ContextSnapshot(
@@ -364,6 +383,9 @@ def _stack_caches(caches: list[dict[str, ContextSnapshot]], step: int, compute: 
             stacked([c[name].residual_hidden for c in caches]),
             stacked([c[name].residual_encoder for c in caches]),
             0,
+            stacked([c[name].slope_hidden for c in caches]),
+            stacked([c[name].slope_encoder for c in caches]),
+            stacked([c[name].residual_sigma for c in caches]),
         )
         for name in names
     }
@@ -379,8 +401,12 @@ def _split_cache(snapshot: dict[str, ContextSnapshot], parts: int) -> list[dict[
             return [tensor]
         return [t.clone() for t in tensor.chunk(parts)]
 
-    pieces = {name: (split(s.residual_hidden), split(s.residual_encoder)) for name, s in snapshot.items()}
+    fields = ("residual_hidden", "residual_encoder", "slope_hidden", "slope_encoder", "residual_sigma")
+    pieces = {name: {f: split(getattr(s, f)) for f in fields} for name, s in snapshot.items()}
     return [
-        {name: ContextSnapshot(s.step, pieces[name][0][k], pieces[name][1][k], 0) for name, s in snapshot.items()}
+        {
+            name: dataclasses.replace(s, computed=0, **{f: pieces[name][f][k] for f in fields})
+            for name, s in snapshot.items()
+        }
         for k in range(parts)
     ]

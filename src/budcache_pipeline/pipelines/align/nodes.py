@@ -52,8 +52,11 @@ def align_budget(
         lr=float(params["lr"]),
         seed=int(params["seed"]),
         progress=bool(params.get("progress", False)),
+        forecast=policy.forecast,
     )
-    holdout_before, holdout_after = holdout_losses(pipe, reference_holdout, policy.mask, result.sigmas)
+    holdout_before, holdout_after = holdout_losses(
+        pipe, reference_holdout, policy.mask, result.sigmas, policy.forecast
+    )
     accepted = accept_alignment(result, holdout_before, holdout_after, float(params.get("min_relative_gain", 0.0)))
     report.update(
         attempted=True,

@@ -79,10 +79,13 @@ def search_budget(
         "screen_samples": params.get("screen_samples"),
         "dp_samples": int(params["dp_samples"]),
         "calibration_pairs": len(reference),
+        "forecast": str(params.get("forecast", "reuse")),
     }
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
-    objective = MaskObjective(pipe, reference, max_cached_states=int(params["max_cached_states"]))
+    objective = MaskObjective(
+        pipe, reference, max_cached_states=int(params["max_cached_states"]), forecast=settings["forecast"]
+    )
     result = search_policy(
         objective,
         budget,
