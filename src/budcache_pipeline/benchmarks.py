@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,13 +54,16 @@ def _time_once(run: Callable[[], Any]) -> float:
 def bench_runtime(
     budgets: Sequence[int] = BENCH_BUDGETS,
     steps: int = BENCH_STEPS,
-    repeats: int = 5,
+    repeats: int = 6,
     size: int = 256,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Best-of-`repeats` seconds per image for each budget, against the same pipeline without hooks.
+    """Speedup of each budget over the same pipeline without hooks, robust to a drifting machine.
 
-    Configurations are timed round-robin, so background load hits all of them alike.
+    Every cached run is paired with an adjacent uncached run (order alternating per round),
+    and the figures are medians over rounds of the pair's time ratio: on a shared machine
+    whose speed drifts by ±20% over minutes, best-of-N times of separate runs were not
+    comparable to 2%. `seconds_per_image` is the median time, for scale.
     """
     if repeats < 1 or not budgets or any(not 1 <= b <= steps for b in budgets):
         raise ValueError(f"need repeats >= 1 and budgets in 1..{steps}, got repeats={repeats}, budgets={budgets}")
@@ -90,34 +94,44 @@ def bench_runtime(
         finally:
             disable_budcache(pipe)
 
-    best: dict[int | None, float] = {}
+    none_times: list[float] = []
+    times: dict[int, list[float]] = {b: [] for b in budgets}
+    ratios: dict[int, list[float]] = {b: [] for b in budgets}
     with torch.inference_mode():
         generate()
         for repeat in range(repeats):
-            best[None] = min(best.get(None, float("inf")), _time_once(generate))
             for budget in budgets:
-                best[budget] = min(best.get(budget, float("inf")), generate_with(budget))
-            progress(f"round {repeat + 1}/{repeats}: no cache {best[None]:.3f} s/image (best so far)")
-    baseline = best[None]
-    rows = [
-        {
-            "budget": budget,
-            "steps": steps,
-            "seconds_per_image": best[budget],
-            "speedup": baseline / best[budget],
-            "ideal_speedup": steps / budget,
-            "speedup_over_ideal": baseline / best[budget] / (steps / budget),
-        }
-        for budget in budgets
-    ]
+                if repeat % 2 == 0:
+                    baseline, cached = _time_once(generate), generate_with(budget)
+                else:
+                    cached, baseline = generate_with(budget), _time_once(generate)
+                none_times.append(baseline)
+                times[budget].append(cached)
+                ratios[budget].append(cached / baseline)
+            progress(f"round {repeat + 1}/{repeats}: no cache {statistics.median(none_times):.3f} s/image (median)")
+    rows = []
+    for budget in budgets:
+        relative = statistics.median(ratios[budget])
+        rows.append(
+            {
+                "budget": budget,
+                "steps": steps,
+                "seconds_per_image": statistics.median(times[budget]),
+                "relative_time": relative,
+                "speedup": 1.0 / relative,
+                "ideal_speedup": steps / budget,
+                "speedup_over_ideal": 1.0 / relative / (steps / budget),
+            }
+        )
     full = next((r for r in rows if r["budget"] == steps), None)
     return {
         "model": f"bench-flux (8 blocks, inner dim 256, {image_seq_len(pipe, size, size)} image tokens)",
         "threads": torch.get_num_threads(),
         "repeats": repeats,
-        "no_cache_seconds_per_image": baseline,
+        "method": "median over rounds of each budget's time / an adjacent no-cache run's time",
+        "no_cache_seconds_per_image": statistics.median(none_times),
         "rows": rows,
-        "overhead_full_budget": (full["seconds_per_image"] / baseline - 1.0) if full else None,
+        "overhead_full_budget": (full["relative_time"] - 1.0) if full else None,
     }
 
 

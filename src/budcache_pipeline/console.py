@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True)
     runtime = benches.add_parser("runtime", help="speedup of budgets 28/14/10/7/5 over no cache on a bench FLUX model")
     runtime.add_argument("--json", help="also write the result as JSON here")
-    runtime.add_argument("--repeats", type=_positive_int, default=5, help="best-of-N timing (default 5)")
+    runtime.add_argument("--repeats", type=_positive_int, default=6, help="timing rounds; figures are medians (default 6)")
     runtime.set_defaults(handler=_bench_runtime)
     quality = benches.add_parser("quality", help="searched policies vs heuristic caches on held-out digits prompts")
     quality.add_argument("--json", help="also write the summary and table as JSON here")

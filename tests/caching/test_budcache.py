@@ -144,9 +144,16 @@ def test_linear_forecast_extrapolates_the_last_two_residuals_in_sigma(flux_pipe)
     assert after_cached.residual_hidden is second.residual_hidden, "a cached step stores nothing new"
 
 
-def test_cached_steps_run_no_block_but_still_run_norm_out_and_proj_out(flux_pipe):
+def test_cached_steps_run_no_block_but_still_run_norm_out_and_proj_out(flux_pipe, monkeypatch):
     transformer = flux_pipe.transformer
-    calls = {"blocks": 0, "norm_out": 0, "proj_out": 0}
+    calls = {"blocks": 0, "norm_out": 0, "proj_out": 0, "rotary": 0}
+    rotary_forward = type(transformer.pos_embed).forward
+
+    def counted_rotary(module, *args, **kwargs):
+        calls["rotary"] += 1
+        return rotary_forward(module, *args, **kwargs)
+
+    monkeypatch.setattr(type(transformer.pos_embed), "forward", counted_rotary)
 
     def counter(key):
         def hook(*_):
@@ -161,7 +168,9 @@ def test_cached_steps_run_no_block_but_still_run_norm_out_and_proj_out(flux_pipe
     sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
     enable_budcache(flux_pipe, CachePolicy.uniform(STEPS, 5, sigmas=sigmas))
     run_flux(flux_pipe, sigmas=scheduler_input_sigmas(flux_pipe.scheduler, sigmas, image_seq_len(flux_pipe, SIZE, SIZE)))
-    assert calls == {"blocks": 5 * 3, "norm_out": STEPS, "proj_out": STEPS}
+    assert calls == {"blocks": 5 * 3, "norm_out": STEPS, "proj_out": STEPS, "rotary": 5}, (
+        "only the blocks read the rotary tables, so cached steps skip them"
+    )
 
 
 def test_state_resets_between_generations_and_batches_are_independent(flux_pipe):
