@@ -109,7 +109,7 @@ def train_generator(
     ema_decay: float = 0.999,
     unk_probability: float = 0.1,
     uncond_probability: float = 0.1,
-    guidance_weight: float = 0.5,
+    guidance_weight: float = 0.3,
     progress: bool = True,
 ) -> tuple[DigitsFluxPipeline, list[float]]:
     """Train transformer and text encoder jointly; returns a pipeline holding the EMA weights and the losses.
