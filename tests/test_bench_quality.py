@@ -79,7 +79,7 @@ def test_reduced_bench_reports_every_figure(result, figures):
 
 def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast: asked.append(forecast) or result)
+    monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
     code = main(["bench", "quality", "--json", str(tmp_path / "q.json"), "--csv", str(tmp_path / "q.csv")])
     assert code == 0 and asked == ["linear"]
     assert json.loads((tmp_path / "q.json").read_text())["budgets"].keys() == {"4", "2"}
@@ -90,7 +90,7 @@ def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
 
 def test_cli_passes_the_forecast_and_refuses_unknown_ones(result, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast: asked.append(forecast) or result)
+    monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
     assert main(["bench", "quality", "--forecast", "reuse"]) == 0 and asked == ["reuse"]
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--forecast", "cubic"])

@@ -43,7 +43,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
     from budcache_pipeline.benchmarks import bench_quality, format_quality_table
 
-    result = bench_quality(forecast=args.forecast)
+    result = bench_quality(forecast=args.forecast, out_dir=args.figures)
     print(format_quality_table(result))
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality = benches.add_parser("quality", help="searched policies vs heuristic caches on held-out digits prompts")
     quality.add_argument("--json", help="also write the summary and table as JSON here")
     quality.add_argument("--csv", help="also write the held-out table (one row per method x budget) as CSV here")
+    quality.add_argument("--figures", help="folder for the plots (Pareto, masks, convergence, sample grids)")
     quality.add_argument(
         "--forecast",
         choices=["linear", "reuse"],
