@@ -12,7 +12,7 @@ from budcache_pipeline.console import main
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    return bench_runtime(budgets=(8, 2), steps=8, repeats=3, size=64, progress=lambda _: None)
+    return bench_runtime(budgets=(8, 2), steps=8, repeats=3, size=64, progress=lambda _: None, overhead_repeats=2)
 
 
 def test_rows_hold_the_issue_fields_and_agree_with_the_baseline(result: dict) -> None:
@@ -23,6 +23,8 @@ def test_rows_hold_the_issue_fields_and_agree_with_the_baseline(result: dict) ->
         assert row["speedup"] == pytest.approx(1 / row["relative_time"])
         assert row["speedup_over_ideal"] == pytest.approx(row["speedup"] / (8 / row["budget"]))
     assert result["overhead_full_budget"] == pytest.approx(result["rows"][0]["relative_time"] - 1)
+    assert len(result["rows"][0]["relative_times"]) == 3 + 2, "the full budget gets the extra overhead pairs"
+    assert len(result["rows"][1]["relative_times"]) == 3
     assert "16 image tokens" in result["model"]
 
 

@@ -57,13 +57,16 @@ def bench_runtime(
     repeats: int = 6,
     size: int = 256,
     progress: Callable[[str], None] = print,
+    overhead_repeats: int = 12,
 ) -> dict[str, Any]:
     """Speedup of each budget over the same pipeline without hooks, robust to a drifting machine.
 
     Every cached run is paired with an adjacent uncached run (order alternating per round),
     and the figures are medians over rounds of the pair's time ratio: on a shared machine
     whose speed drifts by ±20% over minutes, best-of-N times of separate runs were not
-    comparable to 2%. `seconds_per_image` is the median time, for scale.
+    comparable to 2%. `seconds_per_image` is the median time, for scale. The full budget
+    gets `overhead_repeats` more pairs, because its figure (the hooks' overhead) is the
+    smallest one measured.
     """
     if repeats < 1 or not budgets or any(not 1 <= b <= steps for b in budgets):
         raise ValueError(f"need repeats >= 1 and budgets in 1..{steps}, got repeats={repeats}, budgets={budgets}")
@@ -109,6 +112,14 @@ def bench_runtime(
                 times[budget].append(cached)
                 ratios[budget].append(cached / baseline)
             progress(f"round {repeat + 1}/{repeats}: no cache {statistics.median(none_times):.3f} s/image (median)")
+        if steps in budgets:
+            for repeat in range(overhead_repeats):
+                if repeat % 2 == 0:
+                    baseline, cached = _time_once(generate), generate_with(steps)
+                else:
+                    cached, baseline = generate_with(steps), _time_once(generate)
+                ratios[steps].append(cached / baseline)
+            progress(f"overhead: {len(ratios[steps])} pairs at the full budget")
     rows = []
     for budget in budgets:
         relative = statistics.median(ratios[budget])
@@ -118,6 +129,7 @@ def bench_runtime(
                 "steps": steps,
                 "seconds_per_image": statistics.median(times[budget]),
                 "relative_time": relative,
+                "relative_times": ratios[budget],
                 "speedup": 1.0 / relative,
                 "ideal_speedup": steps / budget,
                 "speedup_over_ideal": 1.0 / relative / (steps / budget),
