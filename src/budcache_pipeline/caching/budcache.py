@@ -265,13 +265,18 @@ class _RootHook(ModelHook):
 
 
 class BlockStreamsHook(ModelHook):
-    """Reads a block's image/text streams from its arguments and builds its output tuple.
+    """One block's hook in a cache runtime: reads the block's image/text streams and builds its output tuple.
 
     Uses the block metadata diffusers' cache hooks register, so any block type those hooks know works.
+    The head block (first) and tail block (last) of the stack are where caches inject and store.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Any, is_head: bool, is_tail: bool) -> None:
         super().__init__()
+        self.runtime = runtime
+        self.state_manager: StateManager = runtime.state_manager
+        self.is_head = is_head
+        self.is_tail = is_tail
         self._metadata: Any = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -306,13 +311,6 @@ class _BlockHook(BlockStreamsHook):
     """Runs or skips one block; the first block injects cached output, the last stores residuals."""
 
     _is_stateful = True
-
-    def __init__(self, runtime: BudCacheRuntime, is_head: bool, is_tail: bool) -> None:
-        super().__init__()
-        self.runtime = runtime
-        self.state_manager = runtime.state_manager
-        self.is_head = is_head
-        self.is_tail = is_tail
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state: _ContextState = self.state_manager.get_state()

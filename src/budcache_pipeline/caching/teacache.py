@@ -160,13 +160,6 @@ class _TeaBlockHook(BlockStreamsHook):
 
     _is_stateful = True
 
-    def __init__(self, runtime: TeaCacheRuntime, is_head: bool, is_tail: bool) -> None:
-        super().__init__()
-        self.runtime = runtime
-        self.state_manager = runtime.state_manager
-        self.is_head = is_head
-        self.is_tail = is_tail
-
     @staticmethod
     def _merge(compute: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
         if cached is None or bool(compute.all()):
