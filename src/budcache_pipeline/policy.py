@@ -32,6 +32,13 @@ class PolicyError(ValueError):
     """A policy file or object that must not be deployed; the message names the field and the fix."""
 
 
+def check_forecast(forecast: str) -> str:
+    """`forecast` itself when it is one the runtime knows; PolicyError otherwise."""
+    if forecast not in FORECASTS:
+        raise PolicyError(f"unknown forecast {forecast!r}: use one of {list(FORECASTS)}")
+    return forecast
+
+
 def _round_floats(value: Any) -> Any:
     """Round floats so that a save/load/save cycle writes identical bytes."""
     if isinstance(value, float):

@@ -4,8 +4,8 @@ On a compute step the block stack runs and its residual (output minus input, per
 stream) is stored; on a cached step no block runs and the stack's output is its
 input plus the stored residual, while the embedders, `norm_out` and `proj_out`
 still run with the current timestep. Under a "linear" forecast the cached step adds
-the residual extrapolated in sigma from the last two computed ones instead. The step index is found by matching the
-call's timestep against the schedule, so a caller that skips or repeats calls
+the residual extrapolated in sigma from the last two computed ones instead. The
+step index is found by matching the call's timestep against the schedule, so a caller that skips or repeats calls
 cannot silently shift the mask.
 """
 
@@ -20,7 +20,7 @@ from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
-from budcache_pipeline.policy import FORECASTS, CachePolicy, model_fingerprint
+from budcache_pipeline.policy import CachePolicy, check_forecast, model_fingerprint
 
 ROOT_HOOK = "budcache_root"
 BLOCK_HOOK = "budcache_block"
@@ -84,14 +84,13 @@ class BudCacheRuntime:
         scheduler: Any | None,
         forecast: str = "reuse",
     ) -> None:
-        if forecast not in FORECASTS:
-            raise BudCacheError(f"unknown forecast {forecast!r}: use one of {list(FORECASTS)}")
-        self.forecast = forecast
+        self.forecast = check_forecast(forecast)
         self.transformer = transformer
         self.scheduler = scheduler
         self.state_manager = StateManager(_ContextState)
         self._mask: tuple[bool, ...] = ()
         self._schedule: torch.Tensor | None = None
+        self._schedule_values: list[float] | None = None
         self._checked_live: tuple[Any, list[float]] | None = None
         self.counts: dict[str, int] = {}
         self.mask = mask
@@ -120,7 +119,7 @@ class BudCacheRuntime:
     @schedule.setter
     def schedule(self, sigmas: list[float] | torch.Tensor | None) -> None:
         if sigmas is None:
-            self._schedule = None
+            self._schedule = self._schedule_values = None
             return
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
         if len(sigmas) != self.steps + 1:
@@ -128,6 +127,7 @@ class BudCacheRuntime:
                 f"schedule has {len(sigmas)} sigmas but the mask has {self.steps} steps: pass steps + 1 sigmas"
             )
         self._schedule = sigmas
+        self._schedule_values = sigmas.tolist()
         self._checked_live = None
 
     def compute_counts(self) -> dict[str, int]:
@@ -176,13 +176,11 @@ class BudCacheRuntime:
         is not checked again: the check would otherwise cost more than a cached step.
         """
         if self.scheduler is None:
-            if self._schedule is None:
+            if self._schedule_values is None:
                 raise BudCacheError(
                     "no schedule to match timesteps against: give the policy sigmas or enable on a pipeline"
                 )
-            if self._checked_live is None:
-                self._checked_live = (None, self._schedule.tolist())
-            return self._checked_live[1]
+            return self._schedule_values
         live = self.scheduler.sigmas
         if self._checked_live is not None and self._checked_live[0] is live:
             return self._checked_live[1]

@@ -22,7 +22,7 @@ import torch
 
 from budcache_pipeline.caching import BudCacheRuntime, ContextSnapshot, disable_budcache, enable_budcache, get_runtime
 from budcache_pipeline.models.flux import FluxDenoiser, prepare_batch
-from budcache_pipeline.policy import FORECASTS, CachePolicy, model_fingerprint
+from budcache_pipeline.policy import CachePolicy, check_forecast, model_fingerprint
 from budcache_pipeline.sampling import RolloutState, euler_step
 from budcache_pipeline.search.reference import ReferenceError, ReferenceSet, check_uncached
 
@@ -97,9 +97,7 @@ class MaskObjective:
             )
         if max_cached_states < 0:
             raise ValueError(f"max_cached_states must be >= 0, got {max_cached_states}")
-        if forecast not in FORECASTS:
-            raise ValueError(f"unknown forecast {forecast!r}: use one of {list(FORECASTS)}")
-        self.forecast = forecast
+        self.forecast = check_forecast(forecast)
         self.pipe = pipe
         self.reference = reference
         self.loss = loss
