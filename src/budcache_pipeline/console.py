@@ -79,7 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _train_default_model(args: argparse.Namespace) -> int:
     from budcache_pipeline.models.digits import train_default_model
 
-    report = train_default_model(args.out, steps=args.steps, seed=args.seed)
+    report = train_default_model(args.out, steps=args.steps, seed=args.seed, num_threads=args.threads)
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0
 
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder for the weights, loss curve and report")
     train.add_argument("--steps", type=_positive_int, default=3000)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--threads", type=_positive_int, default=2, help="torch threads (the shipped weights used 2; bits depend on it)"
+    )
     train.set_defaults(handler=_train_default_model)
 
     promote = commands.add_parser("promote", help="move alias `production` if the version wins at every shared budget")

@@ -109,7 +109,7 @@ def test_aligned_sigmas_deploy_exactly_on_the_default_pipeline():
     prompts, seeds, steps = ["a handwritten seven", "the digit 2"], [11, 12], 10
     reference = compute_reference(default, prompts, seeds, steps, 16, 16, progress=False)
     mask = [True, False, False, True, False, False, False, True, False, True]
-    result = align_schedule(default, reference, mask, iterations=2, lr=0.01, progress=False)
+    result = align_schedule(default, reference, mask, iterations=2, lr=0.001, progress=False)
     assert result.improved and result.sigmas != reference.sigmas
     policy = aligned_policy(CachePolicy(mask=mask, model_name="digits", model_fingerprint="x"), result)
     objective = MaskObjective(default, reference, sigmas=list(policy.sigmas))
