@@ -255,3 +255,13 @@ def test_training_smoke_run_is_seeded_and_writes_a_loadable_folder(tmp_path) -> 
     assert reports[0]["final_loss_mean_100"] == reports[1]["final_loss_mean_100"]
     first.set_progress_bar_config(disable=True)
     assert first(prompt="seven", num_inference_steps=2, output_type="pt").images.shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_guided_fraction_outside_zero_one_is_refused(fraction: float) -> None:
+    from budcache_pipeline.models.digits.data import digit_images
+    from budcache_pipeline.models.digits.train import build_pipeline, train_generator
+
+    images, labels = digit_images()
+    with pytest.raises(ValueError, match="guided_fraction"):
+        train_generator(build_pipeline(0), images[:8], labels[:8], steps=1, batch_size=8, guided_fraction=fraction)

@@ -38,6 +38,24 @@ def test_prefix_reuse_gives_the_losses_of_full_rollouts(pipe, reference, forecas
     assert get_runtime(pipe.transformer) is None, "hooks are only on the transformer during an evaluation"
 
 
+def test_prefix_reuse_runs_each_distinct_computed_prefix_exactly_once(pipe, reference):
+    objective = MaskObjective(pipe, reference, max_cached_states=10_000, forecast="linear")
+    generator = torch.Generator().manual_seed(2)
+    masks = [random_mask(STEPS, b, generator) for b in (3, 4, 4, 5, 7, 9)]
+    for mask in masks[:3]:
+        objective(mask)
+    objective.evaluate_many(masks[3:])
+    keys = ["".join("1" if m else "0" for m in mask) for mask in masks]
+    computed_prefixes = {key[: i + 1] for key in keys for i, bit in enumerate(key) if bit == "1"}
+    assert objective.stats["block_stack_calls"] == len(computed_prefixes)
+    assert objective.stats["block_stack_calls_naive"] == sum(key.count("1") for key in keys)
+
+
+def test_a_screening_subset_keeps_as_many_rows_of_states(objective):
+    sub = objective.subset(3)
+    assert sub.max_cached_states * len(sub) == objective.max_cached_states * len(objective)
+
+
 def test_losses_are_memoised_by_mask(objective):
     mask = uniform_mask(STEPS, 4)
     first = objective(mask)

@@ -97,3 +97,13 @@ def test_edge_errors_are_the_losses_of_single_segment_rollouts(pipe, reference):
     assert correlation > 0.9
     mask = dp_start(objective, 4, (0,), samples=3)
     assert sum(mask) == 4 and mask[0]
+
+
+def test_edge_error_cost_is_counted_against_separate_rollouts_from_the_noise(pipe, reference):
+    objective = MaskObjective(pipe, reference)
+    edge_errors(objective, samples=3)
+    n, per_pair = STEPS, 3 / len(reference)
+    shared = n + (n - 1) + sum(n - j for j in range(2, n))
+    separate = n + n * (n - 1) // 2 + (n - 2) * (n - 1)
+    assert objective.stats["start_block_stack_calls"] == pytest.approx(shared * per_pair)
+    assert objective.stats["start_block_stack_calls_naive"] == pytest.approx(separate * per_pair)

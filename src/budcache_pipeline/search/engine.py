@@ -54,6 +54,7 @@ _DETERMINISTIC_COST_KEYS = (
     "block_stack_calls_naive",
     "saved_fraction",
     "start_block_stack_calls",
+    "start_block_stack_calls_naive",
     "calibration_pairs",
     "screen_pairs",
 )
@@ -165,18 +166,17 @@ class _CostMeter:
             total["memo_hits"] += stats["memo_hits"] - base["memo_hits"]
             for key in ("block_stack_calls", "block_stack_calls_naive"):
                 total[key] += (stats[key] - base[key]) * weight
-        start = self.objective.stats.get("start_block_stack_calls", 0.0) - self.base[id(self.objective)].get(
-            "start_block_stack_calls", 0.0
-        )
+        stats, base = self.objective.stats, self.base[id(self.objective)]
         cost = {
             "evaluations": self.prior.get("evaluations", 0) + total["evaluations"],
             "memo_hits": self.prior.get("memo_hits", 0) + total["memo_hits"],
-            "start_block_stack_calls": self.prior.get("start_block_stack_calls", 0.0) + start,
             "wall_seconds": self.prior.get("wall_seconds", 0.0) + time.perf_counter() - self.started,
             "calibration_pairs": len(self.objective),
             "screen_pairs": len(self.screen) if self.screen is not None else 0,
         }
         for key in ("block_stack_calls", "block_stack_calls_naive"):
+            start = stats.get(f"start_{key}", 0.0) - base.get(f"start_{key}", 0.0)
+            cost[f"start_{key}"] = self.prior.get(f"start_{key}", 0.0) + start
             cost[key] = self.prior.get(key, 0.0) + total[key] + start
         naive = cost["block_stack_calls_naive"]
         cost["saved_fraction"] = 1.0 - cost["block_stack_calls"] / naive if naive else 0.0

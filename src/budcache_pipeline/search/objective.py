@@ -69,7 +69,8 @@ class MaskObjective:
     (compute steps actually run, each over the whole reference batch; candidates
     batched into one forward count once each) and `block_stack_calls_naive` (what the
     same evaluations cost as full rollouts), `wall_seconds`; search starts add
-    `start_block_stack_calls` (in full-batch units) and `start_wall_seconds`.
+    `start_block_stack_calls` (in full-batch units), `start_block_stack_calls_naive`
+    (the same rollouts run from the noise, each on its own) and `start_wall_seconds`.
     `sigmas` overrides the reference's schedule (to score learned schedules against
     the same teachers); `max_rows_per_forward` bounds how many candidate rows share a
     forward (memory on big models); `forecast` is the policy's forecast the masks are scored under.
@@ -144,6 +145,8 @@ class MaskObjective:
         """An objective on `count` evenly strided pairs of this one's reference (for cheap screening).
 
         Created once per count and kept, so its memo and prefix states serve every later search.
+        Its prefix store holds as many rows of states as this one's (more states of fewer
+        rows): screening evaluates many masks, and each kept state spares reruns.
         """
         if count < 1:
             raise ValueError(f"a subset needs at least one pair, got {count}")
@@ -157,7 +160,7 @@ class MaskObjective:
                 self.pipe,
                 self.reference.subset(indices),
                 self.loss,
-                self.max_cached_states,
+                self.max_cached_states * len(self) // count,
                 sigmas=self.schedule,
                 max_rows_per_forward=self.max_rows_per_forward,
                 forecast=self.forecast,

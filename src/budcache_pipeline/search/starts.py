@@ -139,7 +139,9 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
     default each j's suffix runs once, for the shortest segment ending at j, and the
     other edges ending at j scale that error by their deviation at j (a linearised
     error gain); `exact=True` runs every edge's suffix. Computed on `samples` pairs,
-    once per objective; the cost is added to `objective.stats["start_block_stack_calls"]`.
+    once per objective; the cost is added to `objective.stats["start_block_stack_calls"]`,
+    and what the same rollouts cost run from the noise without shared prefixes to
+    `objective.stats["start_block_stack_calls_naive"]`.
     """
     key = ("dp_edges", samples, exact)
     if key in objective.cache:
@@ -148,7 +150,7 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
     sub = objective.subset(samples)
     steps, count = sub.steps, len(sub)
     teacher = sub.teacher_latents()
-    runs = steps * count
+    runs = naive_runs = steps * count
     at: dict[tuple[int, int], torch.Tensor] = {}
     with torch.inference_mode():
         with budcache_session(sub.pipe.transformer, sub.schedule) as runtime:
@@ -161,6 +163,7 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
                 at.update({(i, j): state.latents for j, state in result.states.items()})
                 at[(i, steps)] = result.final
                 runs += count
+                naive_runs += (i + 1) * count
         errors = np.zeros((steps + 1, steps + 1))
         for i in range(steps - 1):
             errors[i, steps] = float(sub.loss(at[(i, steps)], sub.target).double().mean())
@@ -170,6 +173,7 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
             pairs = [(j - 2, j) for j in range(2, steps)]
         finals, suffix_runs = _uncached_suffixes(sub, [(j, at[(i, j)]) for i, j in pairs])
         runs += suffix_runs
+        naive_runs += sum(steps - (j - i - 1) for i, j in pairs) * count
         for (i, j), final in zip(pairs, finals):
             errors[i, j] = float(sub.loss(final, sub.target).double().mean())
         if not exact:
@@ -181,6 +185,7 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
     objective.cache[key] = errors
     stats = objective.stats
     stats["start_block_stack_calls"] = stats.get("start_block_stack_calls", 0.0) + runs / len(objective)
+    stats["start_block_stack_calls_naive"] = stats.get("start_block_stack_calls_naive", 0.0) + naive_runs / len(objective)
     stats["start_wall_seconds"] = stats.get("start_wall_seconds", 0.0) + time.perf_counter() - started
     return errors
 
