@@ -42,7 +42,8 @@ from budcache_pipeline.search.starts import (
 )
 
 DEFAULT_STARTS = ("dp", "uniform", "front_loaded", "random")
-SA_CHUNK = 25
+SA_CHUNK = 10
+RACE_FROM = 0.1
 DEFAULT_SCREEN_SAMPLES = 4
 DEFAULT_RACE_MARGIN = 0.25
 CHECKPOINT_VERSION = 1
@@ -234,8 +235,8 @@ def search_policy(
     `screen_samples`: anneal on that many evenly strided calibration pairs and let HC
     rank its neighbours on them, confirming the best `hc_confirm` on the full set; every
     start's initial and final loss and every HC decision use the full set (None:
-    everything on the full set). `race_margin`: after each chunk past the first quarter
-    of annealing, retire a start whose best loss is more than this fraction above the
+    everything on the full set). `race_margin`: after each chunk past the first tenth
+    of annealing (`RACE_FROM`), retire a start whose best loss is more than this fraction above the
     leader's (None: every start runs to the end). `callback` is called after every
     checkpoint with where the search is (raising from it stops the search; the
     checkpoint stays).
@@ -343,7 +344,7 @@ def search_policy(
         )
         for chain, new in zip(running, states):
             chain["sa"] = new.to_dict()
-        if race_margin is not None and stop >= sa_iterations / 4 and stop < sa_iterations:
+        if race_margin is not None and stop >= sa_iterations * RACE_FROM and stop < sa_iterations:
             leader = min(c["sa"]["best_loss"] for c in running)
             for chain in running:
                 if chain["sa"]["best_loss"] > leader * (1 + race_margin):
