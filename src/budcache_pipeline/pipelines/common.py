@@ -33,8 +33,8 @@ def import_object(path: str) -> Any:
 def load_model(model_params: dict[str, Any]) -> Any:
     """The configured pipeline on its device, with progress bars off and torch threads as configured.
 
-    Small models run faster on one thread than on two on these CPUs, so the thread
-    count is a parameter rather than torch's default.
+    Small models can run faster on fewer threads than torch's default (one per core, and
+    more on shared machines), so the thread count is a parameter.
     """
     threads = model_params.get("torch_threads")
     if threads:
