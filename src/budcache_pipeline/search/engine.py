@@ -235,9 +235,9 @@ def search_policy(
     `screen_samples`: anneal on that many evenly strided calibration pairs and let HC
     rank its neighbours on them, confirming the best `hc_confirm` on the full set; every
     start's initial and final loss and every HC decision use the full set (None:
-    everything on the full set). `race_margin`: after each chunk past the first tenth
-    of annealing (`RACE_FROM`), retire a start whose best loss is more than this fraction above the
-    leader's (None: every start runs to the end). `callback` is called after every
+    everything on the full set). `race_margin`: after each chunk past the first tenth of
+    annealing (`RACE_FROM`), retire a start whose best loss is more than this fraction
+    above the leader's (None: every start runs to the end). `callback` is called after every
     checkpoint with where the search is (raising from it stops the search; the
     checkpoint stays).
     """

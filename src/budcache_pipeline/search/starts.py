@@ -184,8 +184,8 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
                     errors[i, j] = gain * float((at[(i, j)].float() - teacher[j].float()).pow(2).mean())
     objective.cache[key] = errors
     stats = objective.stats
-    stats["start_block_stack_calls"] = stats.get("start_block_stack_calls", 0.0) + runs / len(objective)
-    stats["start_block_stack_calls_naive"] = stats.get("start_block_stack_calls_naive", 0.0) + naive_runs / len(objective)
+    for name, value in (("start_block_stack_calls", runs), ("start_block_stack_calls_naive", naive_runs)):
+        stats[name] = stats.get(name, 0.0) + value / len(objective)
     stats["start_wall_seconds"] = stats.get("start_wall_seconds", 0.0) + time.perf_counter() - started
     return errors
 
