@@ -24,7 +24,8 @@ BUDGETS = "5,3"
 PROMPTS = 16
 
 REDUCED: dict[str, dict[str, Any]] = {
-    "reference": {"steps": 10, "batch_size": 8},
+    "model": {"steps": 10},
+    "reference": {"batch_size": 8},
     "search": {
         "calibration_size": 6,
         "starts": ["dp", "uniform"],
@@ -62,14 +63,16 @@ def copy_project(destination: Path) -> Path:
 
 
 def reduce_configuration(project: Path, prompts: int = PROMPTS, overrides: dict[str, dict[str, Any]] = REDUCED) -> None:
-    """Keep the first `prompts` prompts and apply `overrides` to conf/base/parameters_<section>.yml."""
+    """Keep the first `prompts` prompts and apply `overrides` to conf/base/parameters_<section>.yml
+    (the model block lives in parameters.yml)."""
     raw = project / "data" / "01_raw" / "prompts.csv"
     with raw.open(newline="") as handle:
         rows = list(csv.reader(handle))
     with raw.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows[: prompts + 1])
     for section, values in overrides.items():
-        path = project / "conf" / "base" / f"parameters_{section}.yml"
+        name = "parameters.yml" if section == "model" else f"parameters_{section}.yml"
+        path = project / "conf" / "base" / name
         params = yaml.safe_load(path.read_text())
         params[section].update(values)
         path.write_text(yaml.safe_dump(params, sort_keys=False))

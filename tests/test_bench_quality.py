@@ -11,7 +11,7 @@ from budcache_pipeline import benchmarks
 from budcache_pipeline.benchmarks import bench_quality, format_quality_table, quality_prompt_sets
 from budcache_pipeline.console import main
 from tests.conftest import tiny_flux_pipeline
-from tests.test_sampling import TinyPromptEncoder
+from tests.fakes import flux_adapter
 
 
 def test_prompt_sets_are_disjoint_and_balanced():
@@ -33,14 +33,12 @@ def figures(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(figures) -> dict:
-    pipe = tiny_flux_pipeline()
-    pipe.encode_prompt = TinyPromptEncoder(pipe)
     return bench_quality(
         budgets=(4, 2),
         steps=8,
         calibration_size=3,
         holdout_size=3,
-        pipe=pipe,
+        adapter=flux_adapter(tiny_flux_pipeline()),
         size=64,
         baselines=("uniform", "teacache", "first_block_cache"),
         search_options={"starts": ("uniform",), "sa_iterations": 6, "hc_rounds": 1},
@@ -99,4 +97,4 @@ def test_cli_passes_the_forecast_and_refuses_unknown_ones(result, monkeypatch, c
 
 def test_bad_budgets_are_refused():
     with pytest.raises(ValueError, match="budgets must lie between 1 and steps - 1"):
-        bench_quality(budgets=(28,), steps=28, pipe=object())
+        bench_quality(budgets=(28,), steps=28, adapter=object())

@@ -2,21 +2,21 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from budcache_pipeline.caching import disable_budcache, enable_budcache, get_runtime
 from budcache_pipeline.deploy import DeploymentError, check_policy, deploy_and_generate, generate, main
-from budcache_pipeline.models import load_default_pipeline
+from budcache_pipeline.models.adapter import Size
+from budcache_pipeline.models.spec import load_adapter
 from budcache_pipeline.policy import load_policy
 from budcache_pipeline.registry import RegistryError, promote
-from budcache_pipeline.schedules import default_sigmas, image_seq_len
-from tests.conftest import tiny_flux_pipeline
 from tests.reduced_project import environment
 
 STEPS = 10
+SIZE = Size(16, 16)
+MODEL = {"adapter": "digits", "steps": STEPS}
 
 
 @pytest.fixture(scope="module")
@@ -29,73 +29,76 @@ def production(reduced_run):
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_default_pipeline()
+def adapter():
+    return load_adapter(MODEL)
 
 
-def test_deploy_pulls_picks_the_best_fitting_policy_and_generates(production, pipe, tmp_path):
+def test_deploy_pulls_picks_the_best_fitting_policy_and_generates(production, tmp_path):
     name, uri = production
-    path = deploy_and_generate(name, 4, "a handwritten three", tmp_path, tracking_uri=uri, pipe=pipe, steps=STEPS)
+    path = deploy_and_generate(name, 4, "a handwritten three", tmp_path, tracking_uri=uri, model=MODEL)
     assert path.name.endswith("_budget3_seed0.png")
     assert Image.open(path).size == (16, 16)
     pulled = sorted(p.name for p in (tmp_path / "policies").iterdir())
     assert pulled == ["SHA256SUMS", "budget_3.json", "budget_5.json"]
-    assert get_runtime(pipe) is None
 
 
-def test_deploy_refuses_a_ladder_for_another_step_count(production, pipe, tmp_path):
+def test_deploy_refuses_a_ladder_for_another_step_count(production, tmp_path):
     name, uri = production
     with pytest.raises(RegistryError, match="steps"):
-        deploy_and_generate(name, 5, "a handwritten five", tmp_path, tracking_uri=uri, pipe=pipe, steps=28)
+        deploy_and_generate(name, 5, "a handwritten five", tmp_path, tracking_uri=uri, model={**MODEL, "steps": 28})
     assert not (tmp_path / "policies").exists()
 
 
 def test_deploy_refuses_a_ladder_searched_on_another_model(production, tmp_path):
     name, uri = production
     with pytest.raises(RegistryError, match="fingerprint"):
-        deploy_and_generate(name, 5, "a", tmp_path, tracking_uri=uri, pipe=tiny_flux_pipeline(), steps=STEPS)
+        deploy_and_generate(
+            name, 5, "a", tmp_path, tracking_uri=uri, model={"adapter": "flux", "weights": "tiny", "steps": STEPS}
+        )
 
 
-def test_deploy_refuses_an_alias_that_does_not_exist(production, pipe, tmp_path):
+def test_deploy_refuses_an_alias_that_does_not_exist(production, tmp_path):
     name, uri = production
     with pytest.raises(RegistryError, match="no alias 'canary'"):
-        deploy_and_generate(name, 5, "a", tmp_path, alias="canary", tracking_uri=uri, pipe=pipe, steps=STEPS)
+        deploy_and_generate(name, 5, "a", tmp_path, alias="canary", tracking_uri=uri, model=MODEL)
 
 
-def test_check_policy_refuses_a_schedule_the_scheduler_cannot_run(reduced_run, pipe):
+def test_check_policy_refuses_a_schedule_the_scheduler_cannot_run(reduced_run, adapter):
     policy = load_policy(reduced_run / "data" / "06_models" / "policies" / "budget_5.json")
-    plan = check_policy(pipe, policy, STEPS, 16, 16)
-    assert plan.scheduler_sigmas is not None and not plan.aligned_schedule
-    assert list(policy.sigmas) == pytest.approx(default_sigmas(pipe.scheduler, STEPS, image_seq_len(pipe, 16, 16)))
+    plan = check_policy(adapter, policy, STEPS, SIZE)
+    assert plan.schedule_kwargs["sigmas"] is not None and not plan.aligned_schedule
+    assert list(policy.sigmas) == pytest.approx(adapter.default_sigmas(STEPS, SIZE))
     stretched = type(policy)(
         policy.mask, policy.model_name, policy.model_fingerprint, sigmas=[2.0 - 0.2 * i for i in range(STEPS)] + [0.0]
     )
     with pytest.raises(DeploymentError, match="cannot be run by this pipeline's scheduler"):
-        check_policy(pipe, stretched, STEPS, 16, 16)
+        check_policy(adapter, stretched, STEPS, SIZE)
     with pytest.raises(DeploymentError, match="this job runs 28"):
-        check_policy(pipe, policy, 28, 16, 16)
+        check_policy(adapter, policy, 28, SIZE)
 
 
-def test_generate_matches_the_same_policy_enabled_by_hand(reduced_run, pipe):
+def test_generate_matches_the_same_policy_enabled_by_hand(reduced_run, adapter):
     policy = load_policy(reduced_run / "data" / "06_models" / "policies" / "budget_3.json")
-    plan = check_policy(pipe, policy, STEPS, 16, 16)
-    image = generate(pipe, plan, "a handwritten eight", seed=3)
-    enable_budcache(pipe, policy)
+    plan = check_policy(adapter, policy, STEPS, SIZE)
+    images = generate(adapter, plan, ["a handwritten eight"], seed=3)
+    assert get_runtime(adapter.pipe) is None
+    enable_budcache(adapter.pipe, policy)
     try:
-        expected = pipe(
+        expected = adapter.pipe(
             "a handwritten eight",
-            num_inference_steps=STEPS,
-            sigmas=plan.scheduler_sigmas,
+            **plan.schedule_kwargs,
             generator=torch.Generator().manual_seed(3),
-            output_type="pil",
-        ).images[0]
+            output_type="pt",
+        ).images
     finally:
-        disable_budcache(pipe)
-    assert np.array_equal(np.asarray(image), np.asarray(expected))
+        disable_budcache(adapter.pipe)
+    assert torch.equal(images, expected)
 
 
 def test_module_entry_point_prints_the_image_path(production, tmp_path, capsys, monkeypatch):
     name, uri = production
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert main([name, "5", "a handwritten five", str(tmp_path), "--steps", str(STEPS)]) == 0
+    config = tmp_path / "model.yml"
+    config.write_text(json.dumps({"model": MODEL}))
+    assert main([name, "5", "a handwritten five", str(tmp_path), "--model-config", str(config)]) == 0
     assert capsys.readouterr().out.strip().endswith("_budget5_seed0.png")

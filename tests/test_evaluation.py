@@ -18,10 +18,7 @@ from budcache_pipeline.evaluation import (
     finite_or_none,
 )
 from budcache_pipeline.models.digits.judge import Judge
-from budcache_pipeline.models.flux import flux_default_sigmas, prepare_batch
-from budcache_pipeline.sampling import rollout
-from tests.conftest import tiny_flux_pipeline
-from tests.test_sampling import TinyPromptEncoder
+from tests.fakes import flux_rollout_set
 
 STEPS, SIZE, COUNT = 12, 64, 4
 
@@ -36,19 +33,19 @@ def decode(latents: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def holdout() -> RolloutSet:
-    pipe = tiny_flux_pipeline()
-    pipe.encode_prompt = TinyPromptEncoder(pipe)
-    batch = prepare_batch(pipe, [f"held out {i}" for i in range(COUNT)], [100 + i for i in range(COUNT)], SIZE, SIZE)
-    sigmas = torch.tensor(flux_default_sigmas(pipe, STEPS, SIZE, SIZE))
-    with torch.inference_mode():
-        final = rollout(batch.denoiser, None, batch.noise, sigmas).final
-    return RolloutSet(batch.denoiser, batch.noise, sigmas, final)
+    return flux_rollout_set([f"held out {i}" for i in range(COUNT)], [100 + i for i in range(COUNT)], STEPS, SIZE)
 
 
 def test_table_has_a_row_per_method_and_budget(holdout):
     torch.manual_seed(0)
     judge = Judge().eval()
-    quality = QualityMetrics(decode=decode, labels=[1, 2, 3, 4], judge=judge, real_images=torch.rand(6, 1, 16, 16))
+    quality = QualityMetrics(
+        decode=decode,
+        features=judge.feature_extractor(),
+        real_images=torch.rand(6, 1, 16, 16),
+        classify=judge.classify,
+        labels=[1, 2, 3, 4],
+    )
     methods = [
         EvalMethod("uniform", 4, CacheMethod.uniform(STEPS, 4)),
         EvalMethod("first_block_cache", 4, CacheMethod.first_block_cache(0.3), {"calibration_loss": 1e-3}),

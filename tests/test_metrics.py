@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budcache_pipeline.metrics import digits_fid, frechet_distance, judge_agreement, latent_mse, psnr, ssim
+from budcache_pipeline.metrics import frechet_distance, latent_mse, psnr, ssim
+from budcache_pipeline.models.digits.quality import digits_fid, judge_agreement
 from budcache_pipeline.models.digits.data import digit_images, holdout_images, judge_split
 from budcache_pipeline.models.digits.evaluation import fid_reference_halves
 from budcache_pipeline.models.digits.judge import load_default_judge

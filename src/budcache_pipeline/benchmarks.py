@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from budcache_pipeline.caching import disable_budcache, enable_budcache
-from budcache_pipeline.models.flux import flux_default_sigmas
+from budcache_pipeline.models.adapter import Size
+from budcache_pipeline.models.flux import FluxAdapter
 from budcache_pipeline.policy import CachePolicy, model_fingerprint
-from budcache_pipeline.schedules import image_seq_len, scheduler_input_sigmas
 
 BENCH_STEPS = 28
 BENCH_BUDGETS = (28, 14, 10, 7, 5)
@@ -101,8 +101,9 @@ def bench_runtime(
     pipe = bench_flux_pipeline()
     torch.manual_seed(0)
     prompt_embeds, pooled = torch.randn(1, 32, 64), torch.randn(1, 64)
-    sigmas = flux_default_sigmas(pipe, steps, size, size)
-    call_sigmas = scheduler_input_sigmas(pipe.scheduler, sigmas, image_seq_len(pipe, size, size))
+    adapter, image_size = FluxAdapter(pipe), Size(size, size)
+    sigmas = adapter.default_sigmas(steps, image_size)
+    schedule = adapter.schedule_kwargs(sigmas, image_size)
     fingerprint = model_fingerprint(pipe.transformer)
     policies = {b: CachePolicy.uniform(steps, b, "bench-flux", fingerprint, sigmas) for b in budgets}
 
@@ -110,8 +111,7 @@ def bench_runtime(
         return pipe(
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled,
-            num_inference_steps=steps,
-            sigmas=call_sigmas,
+            **schedule,
             height=size,
             width=size,
             generator=torch.Generator().manual_seed(0),
@@ -172,7 +172,7 @@ def bench_runtime(
         )
     full = next((r for r in rows if r["budget"] == steps), None)
     return {
-        "model": f"bench-flux (8 blocks, inner dim 256, {image_seq_len(pipe, size, size)} image tokens)",
+        "model": f"bench-flux (8 blocks, inner dim 256, {adapter.image_seq_len(image_size)} image tokens)",
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "method": "median over rounds of each budget's time / an adjacent no-cache run's time",
@@ -258,7 +258,7 @@ def bench_quality(
     calibration_size: int = 32,
     holdout_size: int = 64,
     *,
-    pipe: Any = None,
+    adapter: Any = None,
     prompt_sets: tuple[Sequence[tuple[str, int, int]], Sequence[tuple[str, int, int]]] | None = None,
     size: int = 16,
     baselines: Sequence[str] | None = None,
@@ -275,8 +275,8 @@ def bench_quality(
 
     Calibration pairs feed the reference trajectories, the BudCache search (also run
     on the first pair alone, as the published code calibrates) and every baseline's
-    bisection; the table compares all of them on the held-out pairs. `pipe` defaults
-    to the shipped digits model; image metrics need a pipe with `decode_latents`.
+    bisection; the table compares all of them on the held-out pairs. `adapter` defaults
+    to the shipped digits model's; image metrics come from its quality plug-in.
     `forecast` is the searched policies' forecast ("reuse" is the paper's plain reuse).
     """
     import pathlib
@@ -293,17 +293,18 @@ def bench_quality(
     from budcache_pipeline.caching.budcache import transformer_blocks
     from budcache_pipeline.evaluation import EvalMethod, QualityMetrics, evaluate_methods
     from budcache_pipeline.search import MaskObjective, align_schedule, compute_reference, search_policy
+    from budcache_pipeline.search.objective import mask_key
 
     started = time.perf_counter()
-    model = "default digits model" if pipe is None else type(pipe).__name__
     budgets = sorted({int(b) for b in budgets}, reverse=True)
     if not budgets or not all(1 <= b < steps for b in budgets):
         raise ValueError(f"budgets must lie between 1 and steps - 1 = {steps - 1}, got {budgets}")
+    model = "default digits model" if adapter is None else type(adapter.pipe).__name__
     baselines = list(baselines) if baselines is not None else [*METHODS, TEACACHE_PUBLISHED]
-    if pipe is None:
-        from budcache_pipeline.models import load_default_pipeline
+    if adapter is None:
+        from budcache_pipeline.models.spec import load_adapter
 
-        pipe = load_default_pipeline()
+        adapter = load_adapter({"adapter": "digits"})
     calibration_pairs, holdout_pairs = prompt_sets or quality_prompt_sets(calibration_size, holdout_size)
     if set(p for p, _, _ in calibration_pairs) & set(p for p, _, _ in holdout_pairs) or set(
         s for _, _, s in calibration_pairs
@@ -315,7 +316,7 @@ def bench_quality(
 
     def reference(pairs: Sequence[tuple[str, int, int]], name: str) -> Any:
         return compute_reference(
-            pipe, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps, size, size,
+            adapter, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps, Size(size, size),
             out_dir=out / "reference" / name if out is not None else None, progress=False,
         )
 
@@ -323,9 +324,9 @@ def bench_quality(
     calibration_ref, holdout_ref = reference(calibration_pairs, "calibration"), reference(holdout_pairs, "holdout")
     single_ref = calibration_ref.subset([0])
     timings["reference_seconds"] = time.perf_counter() - clock
-    calibration = RolloutSet.from_reference(pipe, calibration_ref)
-    holdout = RolloutSet.from_reference(pipe, holdout_ref)
-    num_blocks = len(transformer_blocks(pipe.transformer))
+    calibration = RolloutSet.from_reference(adapter, calibration_ref)
+    holdout = RolloutSet.from_reference(adapter, holdout_ref)
+    num_blocks = len(transformer_blocks(adapter.transformer))
     progress(f"references: {len(calibration)} calibration and {len(holdout)} held-out pairs, {steps} steps")
 
     clock = time.perf_counter()
@@ -360,7 +361,7 @@ def bench_quality(
                 source = data if data is not None else calibration.subset(slice(0, 1))
                 extra["teacache"] = teacache_mask(tea_by_budget[budget], source, budget)
             clock, cpu_clock = time.perf_counter(), time.process_time()
-            objective = MaskObjective(pipe, ref, forecast=forecast)
+            objective = MaskObjective(adapter, ref, forecast=forecast)
             result = search_policy(objective, budget, extra_starts=extra, **options)
             seconds = time.perf_counter() - clock
             entry[label] = {"result": result, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_clock}
@@ -368,7 +369,7 @@ def bench_quality(
                 f"search ({label}) B={budget}: loss {result.loss:.4g} in {seconds:.1f} s, "
                 f"{result.cost['block_stack_calls']:.0f}/{result.cost['block_stack_calls_naive']:.0f} "
                 "block-stack calls, "
-                f"mask {''.join('1' if m else '0' for m in result.mask)}"
+                f"mask {mask_key(result.mask)}"
             )
         multi = entry["multi"]["result"]
         methods.append(EvalMethod("budcache", budget, CacheMethod.fixed(multi.mask, forecast=forecast),
@@ -379,7 +380,7 @@ def bench_quality(
         if align and budget / steps <= ALIGN_MAX_BUDGET_FRACTION:
             clock = time.perf_counter()
             aligned = min(
-                (align_schedule(pipe, calibration_ref, multi.mask, variant=variant, iterations=align_iterations,
+                (align_schedule(adapter, calibration_ref, multi.mask, variant=variant, iterations=align_iterations,
                                 progress=False, forecast=forecast) for variant in ("full", "segment")),
                 key=lambda a: a.loss_after,
             )
@@ -397,17 +398,12 @@ def bench_quality(
                                                                "calibration_steps": c.mean_compute_steps}))
 
     quality = QualityMetrics()
-    if image_metrics and hasattr(pipe, "decode_latents"):
-        quality.decode = lambda latents: pipe.decode_latents(latents, size, size)
-        try:
+    if image_metrics:
+        quality = adapter.quality_metrics(holdout_ref, [str(d) for _, d, _ in holdout_pairs])
+        if quality.real_images is not None:
             from budcache_pipeline.models.digits.evaluation import fid_reference_halves
-            from budcache_pipeline.models.digits.judge import load_default_judge
 
-            quality.judge = load_default_judge()
             quality.real_images = fid_reference_halves()[0]
-            quality.labels = [d for _, d, _ in holdout_pairs]
-        except OSError as exc:
-            progress(f"no judge available ({exc}): FID and judge agreement are left out")
     clock = time.perf_counter()
     finals: dict[tuple[str, int], torch.Tensor] = {}
     table = evaluate_methods(holdout, methods, quality, timing_images=timing_images, collect=finals, progress=progress)
@@ -418,7 +414,7 @@ def bench_quality(
     settings = {
         "model": model,
         "model_fingerprint": calibration_ref.manifest.get("model_fingerprint"),
-        "weights_sha256": _weights_sha256(pipe.transformer),
+        "weights_sha256": _weights_sha256(adapter.transformer),
         "calibration_pairs": len(calibration),
         "holdout_pairs": len(holdout),
         "steps": steps,

@@ -55,24 +55,33 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from budcache_pipeline.caching import enable_budcache
-    from budcache_pipeline.models.digits import generate_grid, load_default_pipeline
+    from budcache_pipeline.models.adapter import Size
+    from budcache_pipeline.models.digits import generate_grid
+    from budcache_pipeline.models.spec import load_adapter
     from budcache_pipeline.policy import load_policy
-    from budcache_pipeline.schedules import scheduler_input_sigmas
 
-    pipe = load_default_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    adapter = load_adapter({"adapter": "digits"})
+    size = Size(16, 16)
     seeds = list(range(args.seed, args.seed + args.images))
-    sigmas, runtime = None, None
+    schedule, runtime = {}, None
     if args.policy:
         policy = load_policy(args.policy)
         if policy.steps != args.steps:
             raise ValueError(f"the policy was searched for {policy.steps} steps, not --steps {args.steps}")
-        runtime = enable_budcache(pipe, policy, check_fingerprint=True)
+        runtime = enable_budcache(adapter.pipe, policy, check_fingerprint=True)
         if policy.sigmas is not None:
-            sigmas = scheduler_input_sigmas(pipe.scheduler, list(policy.sigmas))
-    path = generate_grid(pipe, args.prompt, args.steps, seeds, args.out, sigmas=sigmas)
+            schedule = adapter.schedule_kwargs(list(policy.sigmas), size)
+    path = generate_grid(adapter.pipe, args.prompt, args.steps, seeds, args.out, sigmas=schedule.get("sigmas"))
     used = max(runtime.compute_counts().values()) if runtime else args.steps
     print(f"wrote {path}: {len(seeds)} images, {used} of {args.steps} steps computed the block stack")
+    return 0
+
+
+def _check_model(args: argparse.Namespace) -> int:
+    from budcache_pipeline.models.check import check_model, spec_from_arguments
+
+    for line in check_model(spec_from_arguments(args)).lines():
+        print(line)
     return 0
 
 
@@ -130,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--images", type=_positive_int, default=8, help="images in the grid (default 8)")
     generate.add_argument("--out", required=True, help="PNG path")
     generate.set_defaults(handler=_generate)
+
+    check = commands.add_parser("check-model", help="load your weights, run two steps, print time and memory per step")
+    check.add_argument("--adapter", required=True, choices=["digits", "flux", "wan", "sd3"])
+    check.add_argument("--weights", help="a local diffusers folder, a cached hub id, or `tiny` (random weights)")
+    check.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16")
+    check.add_argument("--device", default="auto")
+    check.add_argument("--offload", default="none", choices=["none", "model", "sequential"])
+    check.add_argument("--height", type=_positive_int)
+    check.add_argument("--width", type=_positive_int)
+    check.add_argument("--num-frames", type=_positive_int, dest="num_frames")
+    check.set_defaults(handler=_check_model)
 
     train = commands.add_parser("train-default-model", help="reproduce the shipped default model from scratch")
     train.add_argument("--out", required=True, help="folder for the weights, loss curve and report")

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
-from safetensors.torch import save_file
 
 from budcache_pipeline.policy import CachePolicy, PolicyError, load_policy
 from budcache_pipeline.prompts import read_prompts
-from budcache_pipeline.search.reference import MANIFEST_FILE, ReferenceError, ReferenceSet, load_reference
-
-_BATCH_FILE = "batch_{:05d}.safetensors"
-"""Batch file names of the folder layout `search.reference.load_reference` reads."""
+from budcache_pipeline.search.reference import (
+    MANIFEST_FILE,
+    ReferenceSet,
+    ReferenceSetError,
+    load_reference,
+    save_reference,
+)
 
 
 class PromptFileDataset(AbstractDataset[None, pd.DataFrame]):
@@ -93,31 +93,14 @@ class ReferenceSetDataset(AbstractDataset[ReferenceSet, ReferenceSet]):
             )
         try:
             return load_reference(self._path)
-        except ReferenceError as exc:
+        except ReferenceSetError as exc:
             raise DatasetError(f"{exc}; run `kedro run --pipelines {self._run_first}` again to finish it") from exc
 
     def save(self, data: ReferenceSet) -> None:
-        """Rewrite the folder from scratch: a folder never mixes batches of two references."""
+        """Replace the folder whole: it never mixes batches of two references."""
         if not isinstance(data, ReferenceSet):
             raise DatasetError(f"{self._path} stores a ReferenceSet, got {type(data).__name__}")
-        if self._path.exists():
-            shutil.rmtree(self._path)
-        self._path.mkdir(parents=True)
-        batch_size = int(data.manifest["batch_size"])
-        for number, begin in enumerate(range(0, len(data), batch_size)):
-            rows = slice(begin, begin + batch_size)
-            tensors = {"noise": data.noise[rows], "final": data.final[rows]}
-            path = self._path / _BATCH_FILE.format(number)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-        # The manifest describes exactly these pairs, also when `data` is a subset of another reference.
-        manifest = {
-            **data.manifest,
-            "prompts": data.prompts,
-            "seeds": data.seeds,
-            "sigmas": data.sigmas,
-            "count": len(data),
-        }
-        (self._path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        save_reference(data, self._path)
 
     def _exists(self) -> bool:
         return (self._path / MANIFEST_FILE).is_file()

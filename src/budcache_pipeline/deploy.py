@@ -10,7 +10,7 @@ to run (fingerprint, number of steps, schedule), enables it in one call and gene
 from __future__ import annotations
 
 import argparse
-import inspect
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from budcache_pipeline.caching import disable_budcache, enable_budcache
-from budcache_pipeline.policy import CachePolicy, model_fingerprint
+from budcache_pipeline.models.adapter import ModelSpecError, Size
+from budcache_pipeline.policy import CachePolicy, model_fingerprint, weights_mismatch
 from budcache_pipeline.registry import PRODUCTION_ALIAS, RegistryError, load_ladder, pick_policy, pull
-from budcache_pipeline.schedules import default_sigmas, image_seq_len, scheduler_input_sigmas
 
 POLICIES_DIR = "policies"
+logger = logging.getLogger(__name__)
 _SCHEDULE_TOLERANCE = 1e-6
 
 
@@ -34,97 +35,108 @@ class DeploymentError(RuntimeError):
 
 @dataclass(frozen=True)
 class DeploymentPlan:
-    """What a job will run: the chosen policy, its scheduler inputs and whether the schedule is learned."""
+    """What a job will run: the chosen policy, the pipeline's schedule inputs and whether the schedule is learned."""
 
     policy: CachePolicy
-    scheduler_sigmas: list[float] | None
+    schedule_kwargs: dict[str, Any]
     aligned_schedule: bool
-    height: int
-    width: int
+    size: Size
 
 
-def default_steps(pipe: Any) -> int:
-    """The number of steps the pipeline runs when the caller names none (28 for FLUX and the digits model)."""
-    return int(inspect.signature(pipe.__call__).parameters["num_inference_steps"].default)
-
-
-def check_policy(pipe: Any, policy: CachePolicy, steps: int, height: int, width: int) -> DeploymentPlan:
-    """Refuse a policy made for another model, step count or an unreproducible schedule.
+def check_policy(
+    adapter: Any, policy: CachePolicy, steps: int, size: Size, allow_other_weights: bool = False
+) -> DeploymentPlan:
+    """Refuse a policy made for another model, other weights, step count or an unreproducible schedule.
 
     The registry already refuses fingerprint and step mismatches on pull; checking again
-    here covers policies that reach a job by other routes (a file, a cache).
+    here covers policies that reach a job by other routes (a file, a cache). A policy
+    searched on other weights of the same architecture (a fine-tune, a fused LoRA) is
+    refused unless `allow_other_weights`, and then logged.
     """
-    fingerprint = model_fingerprint(pipe.transformer)
+    fingerprint = model_fingerprint(adapter.transformer)
     if policy.model_fingerprint != fingerprint:
         raise DeploymentError(
             f"policy for budget {policy.budget} was searched on model fingerprint {policy.model_fingerprint}, "
             f"this pipeline's transformer is {fingerprint}: pull the ladder registered for this model"
         )
+    mismatch = weights_mismatch(policy, adapter.transformer)
+    if mismatch and not allow_other_weights:
+        raise DeploymentError(f"{mismatch}, or pass --allow-other-weights to serve it anyway")
+    if mismatch:
+        logger.warning("serving budget %d on other weights (allowed): %s", policy.budget, mismatch)
     if policy.steps != steps:
         raise DeploymentError(
             f"policy has {policy.steps} steps, this job runs {steps}: pull the ladder for {steps} steps"
         )
-    if policy.sigmas is None:
-        return DeploymentPlan(policy, None, False, height, width)
-    seq_len = image_seq_len(pipe, height, width)
+    default = adapter.default_sigmas(steps, size)
+    sigmas = list(policy.sigmas) if policy.sigmas is not None else default
     try:
-        inputs = scheduler_input_sigmas(pipe.scheduler, list(policy.sigmas), seq_len)
-    except ValueError as exc:
+        kwargs = adapter.schedule_kwargs(sigmas, size)
+    except (ValueError, ModelSpecError) as exc:
         raise DeploymentError(f"the policy's schedule cannot be run by this pipeline's scheduler: {exc}") from exc
-    default = default_sigmas(pipe.scheduler, steps, seq_len)
-    aligned = max(abs(a - b) for a, b in zip(policy.sigmas, default)) > _SCHEDULE_TOLERANCE
-    return DeploymentPlan(policy, inputs, aligned, height, width)
+    aligned = max(abs(a - b) for a, b in zip(sigmas, default)) > _SCHEDULE_TOLERANCE
+    return DeploymentPlan(policy, kwargs, aligned, size)
 
 
 def plan_deployment(
     model_name: str,
     budget: int,
-    pipe: Any,
+    adapter: Any,
     out_dir: str | Path,
+    steps: int,
+    size: Size,
     *,
     alias: str = PRODUCTION_ALIAS,
-    steps: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
     tracking_uri: str | None = None,
+    allow_other_weights: bool = False,
 ) -> DeploymentPlan:
     """Pull the ladder behind `models:/<model_name>@<alias>` into `out_dir/policies`, pick the best
-    policy for `budget` and check it against `pipe`."""
-    steps = steps or default_steps(pipe)
-    height = height or pipe.default_sample_size * pipe.vae_scale_factor
-    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    policy for `budget` and check it against the adapter's model."""
     policy_dir = Path(out_dir) / POLICIES_DIR
     pull(
         model_name,
         alias,
         policy_dir,
-        expect_fingerprint=model_fingerprint(pipe.transformer),
+        expect_fingerprint=model_fingerprint(adapter.transformer),
         expect_steps=steps,
         tracking_uri=tracking_uri,
     )
     policy = pick_policy(load_ladder(policy_dir), budget)
-    return check_policy(pipe, policy, steps, height, width)
+    return check_policy(adapter, policy, steps, size, allow_other_weights)
 
 
-def generate(pipe: Any, plan: DeploymentPlan, prompt: str, seed: int = 0) -> Any:
-    """One image under the plan's policy; the pipeline is left without hooks afterwards."""
+def generate(adapter: Any, plan: DeploymentPlan, prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
+    """Images (or videos) in [0, 1] from the stock pipeline under the plan's policy; hooks removed afterwards."""
+    pipe = adapter.pipe
+    conditioning, noise = adapter.prepare(list(prompts), [seed + k for k in range(len(prompts))], plan.size)
     enable_budcache(pipe, plan.policy, check_fingerprint=True)
     try:
-        return pipe(
-            prompt,
-            num_inference_steps=plan.policy.steps,
-            sigmas=plan.scheduler_sigmas,
-            height=plan.height,
-            width=plan.width,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            output_type="pil",
-        ).images[0]
+        with torch.no_grad():
+            latents = pipe(
+                **adapter.pipeline_inputs(conditioning, noise, plan.size),
+                **plan.schedule_kwargs,
+                output_type="latent",
+                return_dict=False,
+            )[0]
     finally:
         disable_budcache(pipe)
+    return adapter.decode(latents, plan.size).cpu()
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "prompt"
+
+
+def save_image(images: torch.Tensor, path: Path) -> Path:
+    """The first image as a PNG; a video's frames side by side."""
+    from PIL import Image
+
+    from budcache_pipeline.reporting import as_picture
+
+    image = as_picture(images[0])
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    return path
 
 
 def deploy_and_generate(
@@ -135,26 +147,28 @@ def deploy_and_generate(
     alias: str = PRODUCTION_ALIAS,
     tracking_uri: str | None = None,
     *,
-    pipe: Any = None,
-    steps: int | None = None,
+    model: dict[str, Any] | None = None,
     seed: int = 0,
+    allow_other_weights: bool = False,
 ) -> Path:
-    """The whole deployment job: pull, pick, check, enable, generate. Returns the image's path.
+    """The whole deployment job: load the model, pull, pick, check, enable, generate. Returns the image's path.
 
-    `pipe` defaults to the embedded digits model; `steps` to the pipeline's default.
+    `model` is a `model:` block (see conf/base/parameters.yml); the embedded default model
+    at its shipped 28 steps when omitted.
     """
-    if pipe is None:
-        from budcache_pipeline.models import load_default_pipeline
+    from budcache_pipeline.models.spec import ModelSpec, load_adapter
 
-        pipe = load_default_pipeline()
+    spec = ModelSpec.from_params(model or {"adapter": "digits", "steps": 28})
+    adapter = load_adapter(spec)
+    default_size = adapter.tiny_size if spec.weights == "tiny" else adapter.default_size
+    size, steps = spec.size(default_size), spec.steps or 28
     out_dir = Path(out_dir)
     plan = plan_deployment(
-        model_name, budget, pipe, out_dir, alias=alias, steps=steps, tracking_uri=tracking_uri
+        model_name, budget, adapter, out_dir, steps, size, alias=alias, tracking_uri=tracking_uri,
+        allow_other_weights=allow_other_weights,
     )
-    image = generate(pipe, plan, prompt, seed)
-    path = out_dir / f"{_slug(prompt)}_budget{plan.policy.budget}_seed{seed}.png"
-    image.save(path)
-    return path
+    images = generate(adapter, plan, [prompt], seed)
+    return save_image(images, out_dir / f"{_slug(prompt)}_budget{plan.policy.budget}_seed{seed}.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,14 +178,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("prompt")
     parser.add_argument("out_dir")
     parser.add_argument("--alias", default=PRODUCTION_ALIAS)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--model-config", default=None,
+                        help="a YAML file whose `model:` block names the adapter, weights, size and steps "
+                             "(default: the embedded model at 28 steps)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help="serve a policy searched on other weights of the same architecture (logged)")
     args = parser.parse_args(argv)
+    model = None
+    if args.model_config:
+        import yaml
+
+        model = yaml.safe_load(Path(args.model_config).read_text())["model"]
     try:
         path = deploy_and_generate(
-            args.model_name, args.budget, args.prompt, args.out_dir, args.alias, steps=args.steps, seed=args.seed
+            args.model_name, args.budget, args.prompt, args.out_dir, args.alias, model=model, seed=args.seed,
+            allow_other_weights=args.allow_other_weights,
         )
-    except (RegistryError, DeploymentError) as exc:
+    except (RegistryError, DeploymentError, ModelSpecError) as exc:
         parser.exit(1, f"refused: {exc}\n")
     print(path)
     return 0

@@ -3,7 +3,7 @@
 One row per (method, budget): what it cost per image (mean and spread of full
 block-stack computations, block evaluations, wall time at batch 1) and how far its
 output lands from the uncached model's (final-latent MSE, PSNR and SSIM of decoded
-images), plus, for the digits model, FID against real digits and judge agreement.
+images), plus what the model's quality plug-in adds (FID against real data, a judge's agreement).
 """
 
 from __future__ import annotations
@@ -57,12 +57,18 @@ class EvalMethod:
 
 @dataclass
 class QualityMetrics:
-    """Image-space judges of a run: how to decode latents, and the digits model's FID set, labels and judge."""
+    """Image-space judges of a run, supplied by the model's adapter.
+
+    `decode` turns latents into images in [0, 1] (PSNR/SSIM against the uncached images);
+    `features` and `real_images` give a Fréchet distance to real data; `classify` and
+    `labels` give the agreement of a classifier with what each prompt asked for.
+    """
 
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-    labels: Sequence[int] | None = None
-    judge: Any = None
+    features: Any = None
     real_images: torch.Tensor | None = None
+    classify: Callable[[torch.Tensor], torch.Tensor] | None = None
+    labels: Sequence[int] | None = None
 
     def image_scores(self, final: torch.Tensor, reference_images: torch.Tensor | None) -> dict[str, float]:
         from budcache_pipeline import metrics
@@ -72,11 +78,13 @@ class QualityMetrics:
             return scores
         images = self.decode(final)
         scores["psnr"] = metrics.psnr(images, reference_images)
-        scores["ssim"] = metrics.ssim(images, reference_images)
-        if self.judge is not None and self.real_images is not None and len(images) >= 2:
-            scores["fid"] = metrics.digits_fid(images, self.real_images, self.judge)
-        if self.judge is not None and self.labels is not None:
-            scores["judge_agreement"] = metrics.judge_agreement(images, list(self.labels), self.judge)
+        if images.ndim == 4:
+            scores["ssim"] = metrics.ssim(images, reference_images)
+        if self.features is not None and self.real_images is not None and len(images) >= 2:
+            scores["fid"] = metrics.frechet_distance(images, self.real_images, self.features)
+        if self.classify is not None and self.labels is not None:
+            labels = torch.as_tensor(list(self.labels), dtype=torch.long)
+            scores["judge_agreement"] = (self.classify(images).cpu() == labels).float().mean().item()
         return scores
 
 

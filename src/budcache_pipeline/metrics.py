@@ -1,7 +1,8 @@
-"""Quality metrics for cached rollouts: latent MSE (the search objective), PSNR/SSIM, FID, judge agreement.
+"""Model-free quality metrics for cached rollouts: latent MSE (the search objective), PSNR/SSIM, FID.
 
-FID uses torchmetrics' implementation with a feature network of ours (the digits judge's penultimate
-layer by default), because torchvision and the Inception weights are not available here.
+FID uses torchmetrics' implementation with a feature network the model's adapter supplies (the
+default model's is its judge's penultimate layer), because torchvision and the Inception weights
+are not available here.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
-
-from budcache_pipeline.models.digits.judge import Judge, load_default_judge
 
 FID_BATCH = 256
 
@@ -62,18 +61,3 @@ def frechet_distance(generated: torch.Tensor, real: torch.Tensor, feature: nn.Mo
     for first in range(0, len(generated), FID_BATCH):
         metric.update(generated[first : first + FID_BATCH], real=False)
     return metric.compute().item()
-
-
-def digits_fid(generated: torch.Tensor, real: torch.Tensor, judge: Judge | None = None) -> float:
-    """FID of (B, 1, H, W) digit images in [0, 1] in the judge's feature space (shipped judge by default)."""
-    judge = judge if judge is not None else load_default_judge()
-    return frechet_distance(generated, real, judge.feature_extractor())
-
-
-def judge_agreement(images: torch.Tensor, labels: torch.Tensor | list[int], judge: Judge | None = None) -> float:
-    """Fraction of images the judge classifies as the digit their prompt named."""
-    judge = judge if judge is not None else load_default_judge()
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    if len(images) != len(labels) or len(labels) == 0:
-        raise ValueError(f"need one label per image, got {len(images)} images and {len(labels)} labels")
-    return (judge.classify(images).cpu() == labels).float().mean().item()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
@@ -26,6 +27,8 @@ _V1_FIELDS = {"schema_version", "mask", "budget", "steps", "sigmas", "model", "p
 _TOP_LEVEL_FIELDS = {1: _V1_FIELDS, 2: _V1_FIELDS | {"forecast"}}
 FORECASTS = ("reuse", "linear")
 _MODEL_FIELDS = {"name", "fingerprint"}
+_OPTIONAL_MODEL_FIELDS = {"weights_digest"}
+_DIGEST_SAMPLES = 4096
 
 
 class PolicyError(ValueError):
@@ -70,6 +73,22 @@ def model_fingerprint(transformer: torch.nn.Module) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def weights_digest(transformer: torch.nn.Module) -> str:
+    """Identify a transformer's parameter values, so a fine-tune or a fused LoRA is told from its base.
+
+    Hashes a strided sample of every tensor rounded to bfloat16: cheap on a 12B model, and the
+    same weights loaded in float32 or bfloat16, on any device, give the same digest.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in transformer.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        stride = max(1, flat.numel() // _DIGEST_SAMPLES)
+        sample = flat[::stride][:_DIGEST_SAMPLES].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CachePolicy:
     """A fixed-budget step mask: `mask[i]` is True when step i computes the block stack.
@@ -87,6 +106,7 @@ class CachePolicy:
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     forecast: str = "reuse"
+    model_weights: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mask", tuple(self.mask))
@@ -134,7 +154,11 @@ class CachePolicy:
             "budget": self.budget,
             "steps": self.steps,
             "sigmas": list(self.sigmas) if self.sigmas is not None else None,
-            "model": {"name": self.model_name, "fingerprint": self.model_fingerprint},
+            "model": {
+                "name": self.model_name,
+                "fingerprint": self.model_fingerprint,
+                **({"weights_digest": self.model_weights} if self.model_weights is not None else {}),
+            },
             "provenance": self.provenance,
         }
         if self.schema_version >= 2 or self.forecast != "reuse":
@@ -162,6 +186,7 @@ class CachePolicy:
             provenance=data["provenance"],
             schema_version=data["schema_version"],
             forecast=data.get("forecast", "reuse"),
+            model_weights=data["model"].get("weights_digest"),
         )
 
     @classmethod
@@ -261,9 +286,12 @@ def _validate(data: Any) -> None:
 
     model = data["model"]
     _require_type("model", model, dict, "an object with 'name' and 'fingerprint'")
-    if set(model) != _MODEL_FIELDS:
-        raise PolicyError(f"field 'model' must have exactly the keys {sorted(_MODEL_FIELDS)}, got {sorted(model)}")
-    for key in sorted(_MODEL_FIELDS):
+    if not _MODEL_FIELDS <= set(model) <= _MODEL_FIELDS | _OPTIONAL_MODEL_FIELDS:
+        raise PolicyError(
+            f"field 'model' must have the keys {sorted(_MODEL_FIELDS)} (and optionally "
+            f"{sorted(_OPTIONAL_MODEL_FIELDS)}), got {sorted(model)}"
+        )
+    for key in sorted(model):
         _require_type(f"model.{key}", model[key], str, "a string")
 
     provenance = data["provenance"]
@@ -271,12 +299,40 @@ def _validate(data: Any) -> None:
     _round_floats(provenance)
 
 
-def load_policy(path: str | Path) -> CachePolicy:
-    """Read and validate a policy file; raises PolicyError naming the field and the fix."""
+def load_policy(path: str | Path, transformer: torch.nn.Module | None = None) -> CachePolicy:
+    """Read and validate a policy file; raises PolicyError naming the field and the fix.
+
+    Given the `transformer` it will run on, a policy of another architecture is refused and
+    one searched on other weights of the same architecture (a fine-tune, a fused LoRA) warns.
+    """
     path = Path(path)
     if not path.is_file():
         raise PolicyError(f"policy file {path} does not exist")
-    return CachePolicy.from_json(path.read_text())
+    policy = CachePolicy.from_json(path.read_text())
+    if transformer is not None:
+        found = model_fingerprint(transformer)
+        if found != policy.model_fingerprint:
+            raise PolicyError(
+                f"{path} was searched for model fingerprint {policy.model_fingerprint}, this transformer is {found}: "
+                "use the policy registered for this model"
+            )
+        mismatch = weights_mismatch(policy, transformer)
+        if mismatch:
+            warnings.warn(f"{path}: {mismatch}", stacklevel=2)
+    return policy
+
+
+def weights_mismatch(policy: CachePolicy, transformer: torch.nn.Module) -> str | None:
+    """Why `policy` was searched on other weights than `transformer`'s, or None when they match (or it is unknown)."""
+    if policy.model_weights is None:
+        return None
+    found = weights_digest(transformer)
+    if found == policy.model_weights:
+        return None
+    return (
+        f"the policy was searched on weights {policy.model_weights}, this transformer's are {found} "
+        "(same architecture, other values: a fine-tune or a fused LoRA); search a policy for these weights"
+    )
 
 
 def policy_schema() -> dict[str, Any]:

@@ -126,12 +126,20 @@ def plot_convergence(
     return _finish(figure, path)
 
 
+def as_picture(image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) as it is; a video (C, F, H, W) as its frames side by side."""
+    if image.dim() == 4:
+        return torch.cat(list(image.unbind(1)), dim=-1)
+    return image
+
+
 def plot_sample_grid(
     images: Mapping[str, torch.Tensor],
     path: str | Path | None = None,
     columns: int = 8,
 ) -> Figure:
-    """One row per method, the same first `columns` images in each: (B, 1, H, W) or (B, 3, H, W) in [0, 1]."""
+    """One row per method, the same first `columns` images in each: (B, 1|3, H, W) in [0, 1], or videos
+    (B, C, F, H, W) shown as frame strips."""
     if not images:
         raise ValueError("no images to plot")
     labels = list(images)
@@ -141,7 +149,7 @@ def plot_sample_grid(
         batch = images[label].detach().float().clamp(0, 1).cpu()
         for col in range(count):
             axis = axes[row][col]
-            picture = batch[col].permute(1, 2, 0).numpy()
+            picture = as_picture(batch[col]).permute(1, 2, 0).numpy()
             axis.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])

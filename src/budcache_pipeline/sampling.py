@@ -1,4 +1,4 @@
-"""Euler flow-matching rollouts under a cache mask, with states that can be captured and resumed.
+"""Rollouts under a cache mask with the pipeline's solver, with states that can be captured and resumed.
 
 The search evaluates thousands of masks that share prefixes; the state after step k
 (latent plus the residuals each cache context stores) depends only on the first k
@@ -15,23 +15,28 @@ from typing import Protocol
 import torch
 
 from budcache_pipeline.caching.budcache import BudCacheRuntime, ContextSnapshot
+from budcache_pipeline.solvers import EulerSolver, Solver, SolverState, euler_step
 
 
 class Denoiser(Protocol):
-    """A transformer bound to its conditioning: maps (latents, sigma) to the flow velocity."""
+    """A transformer bound to its conditioning: maps (latents, timestep) to the model output."""
 
     transformer: torch.nn.Module
 
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
 class RolloutState:
-    """The rollout after `step` steps: the next step to run is `step`."""
+    """The rollout after `step` steps: the next step to run is `step`.
+
+    `solver` is the scheduler's state for multistep solvers (None for Euler).
+    """
 
     step: int
     latents: torch.Tensor
     cache: dict[str, ContextSnapshot]
+    solver: SolverState = None
 
 
 @dataclass(frozen=True)
@@ -41,58 +46,57 @@ class Rollout:
     computed_steps: int
 
 
-def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """One Euler step, upcast to fp32 as FlowMatchEulerDiscreteScheduler.step does."""
-    return (latents.to(torch.float32) + (sigma_next - sigma) * velocity).to(velocity.dtype)
-
-
-def _plain_rollout(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor) -> Rollout:
-    x = latents
-    for i in range(len(sigmas) - 1):
-        x = euler_step(x, denoiser.velocity(x, sigmas[i]), sigmas[i], sigmas[i + 1])
-    return Rollout(final=x, states={}, computed_steps=len(sigmas) - 1)
+def as_solver(schedule: Solver | torch.Tensor | Sequence[float]) -> Solver:
+    """A solver as given, or the Euler solver over a list or tensor of sigmas."""
+    if hasattr(schedule, "step") and hasattr(schedule, "initial_state"):
+        return schedule
+    sigmas = schedule if torch.is_tensor(schedule) else torch.as_tensor(list(schedule), dtype=torch.float32)
+    return EulerSolver(sigmas)
 
 
 def rollout(
     denoiser: Denoiser,
     runtime: BudCacheRuntime | None,
     latents: torch.Tensor,
-    sigmas: torch.Tensor | Sequence[float],
+    schedule: Solver | torch.Tensor | Sequence[float],
     mask: Sequence[bool] | None = None,
     start: RolloutState | None = None,
     capture: Iterable[int] = (),
 ) -> Rollout:
     """Run steps `start.step` (or 0) to the end under `mask`, capturing the states after the steps in `capture`.
 
-    With `runtime=None` the transformer runs as it is (uncached, or under another
-    cache such as diffusers' own hooks). `sigmas` may require grad: schedule
-    alignment backpropagates through the rollout.
+    `schedule` is the pipeline's solver (`adapter.solver(sigmas)`) or plain sigmas for
+    flow-matching Euler. With `runtime=None` the transformer runs as it is (uncached, or
+    under another cache such as diffusers' own hooks). Euler sigmas may require grad:
+    schedule alignment backpropagates through the rollout.
     """
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32) if not torch.is_tensor(sigmas) else sigmas
-    steps = len(sigmas) - 1
-    if runtime is None:
-        if mask is not None or start is not None:
-            raise ValueError("a mask or a resume state needs a BudCache runtime")
-        return _plain_rollout(denoiser, latents, sigmas)
-    if mask is not None:
-        runtime.mask = mask
-    if runtime.steps != steps:
-        raise ValueError(f"mask has {runtime.steps} steps but sigmas describe {steps}")
-    runtime.schedule = sigmas.detach()
+    solver = as_solver(schedule)
+    steps = solver.steps
+    if runtime is None and (mask is not None or start is not None):
+        raise ValueError("a mask or a resume state needs a BudCache runtime")
+    if runtime is not None:
+        if mask is not None:
+            runtime.mask = mask
+        if runtime.steps != steps:
+            raise ValueError(f"mask has {runtime.steps} steps but sigmas describe {steps}")
+        runtime.schedule = solver.sigmas.detach()
     if start is None:
-        runtime.reset()
-        x, begin = latents, 0
+        if runtime is not None:
+            runtime.reset()
+        x, begin, state = latents, 0, solver.initial_state()
     else:
         if not 0 < start.step <= steps:
             raise ValueError(f"cannot resume at step {start.step} of {steps}")
         runtime.restore(start.cache)
-        x, begin = start.latents, start.step
+        x, begin, state = start.latents, start.step, start.solver
     wanted = set(capture)
     states: dict[int, RolloutState] = {}
     for i in range(begin, steps):
-        velocity = denoiser.velocity(x, sigmas[i])
-        x = euler_step(x, velocity, sigmas[i], sigmas[i + 1])
-        if i + 1 in wanted:
-            states[i + 1] = RolloutState(i + 1, x, runtime.snapshot())
-    computed = max(runtime.compute_counts().values(), default=0)
+        x, state = solver.step(i, x, denoiser.velocity(x, solver.timestep(i)), state)
+        if runtime is not None and i + 1 in wanted:
+            states[i + 1] = RolloutState(i + 1, x, runtime.snapshot(), state)
+    computed = steps if runtime is None else max(runtime.compute_counts().values(), default=0)
     return Rollout(final=x, states=states, computed_steps=computed)
+
+
+__all__ = ["Denoiser", "Rollout", "RolloutState", "as_solver", "euler_step", "rollout"]

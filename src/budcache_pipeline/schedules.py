@@ -74,9 +74,3 @@ def scheduler_input_sigmas(scheduler: Any, sigmas: list[float], image_seq_len: i
             "disable karras/exponential/beta sigmas and shift_terminal on the scheduler"
         )
     return inputs
-
-
-def image_seq_len(pipe: Any, height: int, width: int) -> int:
-    """Number of packed image tokens a FLUX-style pipeline makes for this size."""
-    scale = getattr(pipe, "vae_scale_factor", 1) * 2
-    return (height // scale) * (width // scale)

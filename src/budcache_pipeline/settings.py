@@ -13,4 +13,6 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # An environment (conf/tiny_flux, conf/local) overrides only the parameters it names.
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
 }

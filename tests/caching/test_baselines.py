@@ -27,23 +27,15 @@ from budcache_pipeline.caching.teacache import (
     fit_teacache_coefficients,
     trace_stack_changes,
 )
-from budcache_pipeline.models.flux import flux_default_sigmas, prepare_batch
 from budcache_pipeline.sampling import rollout
-from tests.conftest import tiny_flux_pipeline
-from tests.test_sampling import TinyPromptEncoder
+from tests.fakes import flux_rollout_set
 
 STEPS, SIZE, COUNT = 16, 64, 6
 
 
 @pytest.fixture(scope="module")
 def data() -> RolloutSet:
-    pipe = tiny_flux_pipeline()
-    pipe.encode_prompt = TinyPromptEncoder(pipe)
-    batch = prepare_batch(pipe, [f"prompt {i}" for i in range(COUNT)], list(range(COUNT)), SIZE, SIZE)
-    sigmas = torch.tensor(flux_default_sigmas(pipe, STEPS, SIZE, SIZE))
-    with torch.inference_mode():
-        final = rollout(batch.denoiser, None, batch.noise, sigmas).final
-    return RolloutSet(batch.denoiser, batch.noise, sigmas, final)
+    return flux_rollout_set([f"prompt {i}" for i in range(COUNT)], list(range(COUNT)), STEPS, SIZE)
 
 
 @pytest.fixture(scope="module")

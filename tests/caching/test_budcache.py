@@ -9,12 +9,30 @@ import torch
 
 from budcache_pipeline import CachePolicy, disable_budcache, enable_budcache
 from budcache_pipeline.caching import BudCacheError, get_runtime
-from budcache_pipeline.models.flux import FluxDenoiser, flux_default_sigmas
+from budcache_pipeline.models.adapter import BoundDenoiser, Conditioning, Size
+from budcache_pipeline.models.flux import FluxAdapter
 from budcache_pipeline.sampling import rollout
-from budcache_pipeline.schedules import image_seq_len, scheduler_input_sigmas
 from tests.conftest import tiny_sd3_transformer
 
 STEPS, SIZE = 28, 64
+
+
+def flux_default_sigmas(pipe, steps, height, width):
+    return FluxAdapter(pipe).default_sigmas(steps, Size(height, width))
+
+
+def flux_denoiser(pipe, prompt_embeds, pooled, image_ids):
+    """FLUX's transformer bound to these prompt tensors, called as FluxPipeline calls it."""
+    conditioning = Conditioning(
+        {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled},
+        {"text_ids": torch.zeros(prompt_embeds.shape[1], 3), "latent_image_ids": image_ids},
+    )
+    return BoundDenoiser(FluxAdapter(pipe), conditioning)
+
+
+def call_sigmas_for(pipe, sigmas):
+    """The `sigmas=` FluxPipeline needs to run `sigmas` (the shift inverted)."""
+    return FluxAdapter(pipe).schedule_kwargs(sigmas, Size(SIZE, SIZE))["sigmas"]
 
 
 def random_mask(steps: int, budget: int, rng: random.Random) -> list[bool]:
@@ -84,7 +102,7 @@ def sampler_rollout(pipe, policy, seeds=(0, 1)):
     prompt_embeds, pooled = (t[list(seeds)] for t in flux_inputs())
     latents = [pipe.prepare_latents(1, 4, SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(s)) for s in seeds]
     noise, image_ids = torch.cat([lat for lat, _ in latents]), latents[0][1]
-    denoiser = FluxDenoiser(pipe.transformer, prompt_embeds, pooled, torch.zeros(8, 3), image_ids)
+    denoiser = flux_denoiser(pipe, prompt_embeds, pooled, image_ids)
     runtime = enable_budcache(pipe.transformer, policy)
     try:
         return rollout(denoiser, runtime, noise, torch.tensor(policy.sigmas))
@@ -94,7 +112,7 @@ def sampler_rollout(pipe, policy, seeds=(0, 1)):
 
 def test_stock_flux_pipeline_equals_our_sampler_for_random_masks(flux_pipe):
     sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
-    call_sigmas = scheduler_input_sigmas(flux_pipe.scheduler, sigmas, image_seq_len(flux_pipe, SIZE, SIZE))
+    call_sigmas = call_sigmas_for(flux_pipe, sigmas)
     rng = random.Random(0)
     for _ in range(5):
         policy = CachePolicy(mask=random_mask(STEPS, 7, rng), model_name="tiny", model_fingerprint="x", sigmas=sigmas)
@@ -109,7 +127,7 @@ def test_stock_flux_pipeline_equals_our_sampler_for_random_masks(flux_pipe):
 
 def test_linear_forecast_on_the_stock_pipeline_equals_our_sampler(flux_pipe):
     sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
-    call_sigmas = scheduler_input_sigmas(flux_pipe.scheduler, sigmas, image_seq_len(flux_pipe, SIZE, SIZE))
+    call_sigmas = call_sigmas_for(flux_pipe, sigmas)
     rng = random.Random(1)
     for _ in range(3):
         mask = random_mask(STEPS, 7, rng)
@@ -130,7 +148,7 @@ def test_linear_forecast_extrapolates_the_last_two_residuals_in_sigma(flux_pipe)
     policy = CachePolicy(mask=mask, model_name="t", model_fingerprint="x", sigmas=sigmas, forecast="linear")
     prompt_embeds, pooled = flux_inputs()
     latents, image_ids = flux_pipe.prepare_latents(2, 4, SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(0))
-    denoiser = FluxDenoiser(flux_pipe.transformer, prompt_embeds, pooled, torch.zeros(8, 3), image_ids)
+    denoiser = flux_denoiser(flux_pipe, prompt_embeds, pooled, image_ids)
     runtime = enable_budcache(flux_pipe.transformer, policy)
     try:
         states = rollout(denoiser, runtime, latents, torch.tensor(sigmas), capture=(1, 2, 3)).states
@@ -167,7 +185,7 @@ def test_cached_steps_run_no_block_but_still_run_norm_out_and_proj_out(flux_pipe
     transformer.proj_out.register_forward_pre_hook(counter("proj_out"))
     sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
     enable_budcache(flux_pipe, CachePolicy.uniform(STEPS, 5, sigmas=sigmas))
-    run_flux(flux_pipe, sigmas=scheduler_input_sigmas(flux_pipe.scheduler, sigmas, image_seq_len(flux_pipe, SIZE, SIZE)))
+    run_flux(flux_pipe, sigmas=call_sigmas_for(flux_pipe, sigmas))
     assert calls == {"blocks": 5 * 3, "norm_out": STEPS, "proj_out": STEPS, "rotary": 5}, (
         "only the blocks read the rotary tables, so cached steps skip them"
     )
@@ -175,7 +193,7 @@ def test_cached_steps_run_no_block_but_still_run_norm_out_and_proj_out(flux_pipe
 
 def test_state_resets_between_generations_and_batches_are_independent(flux_pipe):
     sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
-    call_sigmas = scheduler_input_sigmas(flux_pipe.scheduler, sigmas, image_seq_len(flux_pipe, SIZE, SIZE))
+    call_sigmas = call_sigmas_for(flux_pipe, sigmas)
     enable_budcache(flux_pipe, CachePolicy.uniform(STEPS, 7, sigmas=sigmas))
     first = run_flux(flux_pipe, sigmas=call_sigmas)
     second = run_flux(flux_pipe, sigmas=call_sigmas)

@@ -12,7 +12,7 @@ import torch
 from diffusers import FirstBlockCacheConfig
 from PIL import Image
 
-from budcache_pipeline.metrics import digits_fid, judge_agreement
+from budcache_pipeline.models.digits.quality import digits_fid, judge_agreement
 from budcache_pipeline.models.digits import (
     DigitsFluxPipeline,
     generate_grid,

@@ -1,4 +1,4 @@
-"""A tiny FLUX pipeline with a prompt encoder and a small reference set, shared by the search tests."""
+"""A tiny FLUX adapter and a small reference set, shared by the search tests."""
 
 from __future__ import annotations
 
@@ -7,32 +7,30 @@ import torch
 
 from budcache_pipeline.search import MaskObjective, compute_reference
 from tests.conftest import tiny_flux_pipeline
-from tests.test_sampling import TinyPromptEncoder
+from tests.fakes import flux_adapter, square
 
 STEPS, SIZE = 12, 64
 PROMPTS = ["a seven", "a three", "a one", "a nine", "a zero", "a four"]
 SEEDS = [0, 1, 2, 3, 4, 5]
 
 
-def make_pipe(seed: int = 0):
-    pipe = tiny_flux_pipeline(seed)
-    pipe.encode_prompt = TinyPromptEncoder(pipe)
-    return pipe
+def make_adapter(seed: int = 0):
+    return flux_adapter(tiny_flux_pipeline(seed))
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return make_pipe()
+def adapter():
+    return make_adapter()
 
 
 @pytest.fixture(scope="module")
-def reference(pipe):
-    return compute_reference(pipe, PROMPTS, SEEDS, STEPS, SIZE, SIZE, progress=False)
+def reference(adapter):
+    return compute_reference(adapter, PROMPTS, SEEDS, STEPS, square(SIZE), progress=False)
 
 
 @pytest.fixture
-def objective(pipe, reference):
-    return MaskObjective(pipe, reference)
+def objective(adapter, reference):
+    return MaskObjective(adapter, reference)
 
 
 def random_mask(steps: int, budget: int, generator: torch.Generator) -> list[bool]:

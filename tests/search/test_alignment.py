@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from budcache_pipeline import CachePolicy, disable_budcache, enable_budcache
-from budcache_pipeline.models.flux import prepare_batch
 from budcache_pipeline.policy import uniform_mask
 from budcache_pipeline.sampling import rollout
-from budcache_pipeline.schedules import image_seq_len, scheduler_input_sigmas
 from budcache_pipeline.search import (
     AlignmentResult,
     MaskObjective,
@@ -19,7 +17,7 @@ from budcache_pipeline.search import (
     holdout_losses,
 )
 from budcache_pipeline.search.alignment import anchors, sigmas_from_logits
-from tests.conftest import tiny_flux_pipeline
+from budcache_pipeline.models.adapter import BoundDenoiser, Size
 from tests.search.conftest import PROMPTS, SEEDS, SIZE, STEPS
 
 MASK = [True, False, False, False, True, False, False, False, True, False, True, False]
@@ -40,93 +38,83 @@ def test_parameterisation_starts_at_the_reference_and_stays_monotone(reference):
         anchors(MASK, "middle")
 
 
-def test_alignment_lowers_the_loss_and_the_segment_variant_keeps_compute_sigmas(pipe, reference):
-    full = align_schedule(pipe, reference, MASK, variant="full", iterations=4, lr=0.01, progress=False)
-    segment = align_schedule(pipe, reference, MASK, variant="segment", iterations=4, lr=0.01, progress=False)
+def test_alignment_lowers_the_loss_and_the_segment_variant_keeps_compute_sigmas(adapter, reference):
+    full = align_schedule(adapter, reference, MASK, variant="full", iterations=4, lr=0.01, progress=False)
+    segment = align_schedule(adapter, reference, MASK, variant="segment", iterations=4, lr=0.01, progress=False)
     for result in (full, segment):
         assert result.loss_after < result.loss_before and len(result.history) == 5
         assert result.sigmas[0] == reference.sigmas[0] and result.sigmas[-1] == 0
         assert all(b < a for a, b in zip(result.sigmas, result.sigmas[1:]))
-        objective = MaskObjective(pipe, reference, sigmas=result.sigmas)
+        objective = MaskObjective(adapter, reference, sigmas=result.sigmas)
         assert objective(MASK) == pytest.approx(result.loss_after, rel=1e-6)
     for i in anchors(MASK, "segment"):
         assert segment.sigmas[i] == pytest.approx(reference.sigmas[i], rel=1e-8)
     assert segment.sigmas != reference.sigmas and full.sigmas != reference.sigmas
 
 
-def test_a_policy_with_aligned_sigmas_reproduces_the_sampler_on_the_stock_pipeline(pipe, reference):
-    result = align_schedule(pipe, reference, MASK, iterations=2, lr=0.01, progress=False)
+def test_a_policy_with_aligned_sigmas_reproduces_the_sampler_on_the_stock_pipeline(adapter, reference):
+    result = align_schedule(adapter, reference, MASK, iterations=2, lr=0.01, progress=False)
     assert result.improved
     policy = aligned_policy(CachePolicy(mask=MASK, model_name="tiny", model_fingerprint="x"), result)
     policy = CachePolicy.from_json(policy.to_json())
     assert list(policy.sigmas) == result.sigmas and policy.provenance["alignment"]["variant"] == "full"
-    batch = prepare_batch(pipe, PROMPTS[:2], SEEDS[:2], SIZE, SIZE)
-    runtime = enable_budcache(pipe.transformer, policy)
+    size = Size(SIZE, SIZE)
+    conditioning, noise = adapter.prepare(PROMPTS[:2], SEEDS[:2], size)
+    runtime = enable_budcache(adapter.transformer, policy)
     try:
         with torch.no_grad():
-            ours = rollout(batch.denoiser, runtime, batch.noise, torch.tensor(policy.sigmas)).final
+            ours = rollout(BoundDenoiser(adapter, conditioning), runtime, noise, torch.tensor(policy.sigmas)).final
     finally:
-        disable_budcache(pipe.transformer)
-    stock = tiny_flux_pipeline()  # same weights, FluxPipeline's own encode_prompt left as it is
-    call_sigmas = scheduler_input_sigmas(stock.scheduler, list(policy.sigmas), image_seq_len(stock, SIZE, SIZE))
-    runtime = enable_budcache(stock, policy)
+        disable_budcache(adapter.transformer)
+    runtime = enable_budcache(adapter.pipe, policy)
     try:
-        deployed = stock(
-            prompt_embeds=batch.denoiser.prompt_embeds,
-            pooled_prompt_embeds=batch.denoiser.pooled_prompt_embeds,
-            num_inference_steps=STEPS,
-            sigmas=call_sigmas,
-            height=SIZE,
-            width=SIZE,
-            generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]],
+        deployed = adapter.pipe(
+            **adapter.pipeline_inputs(conditioning, noise, size),
+            **adapter.schedule_kwargs(list(policy.sigmas), size),
             output_type="latent",
         ).images
         assert runtime.compute_counts() == {"cond": sum(MASK)}
     finally:
-        disable_budcache(stock)
+        disable_budcache(adapter.pipe)
     assert (deployed - ours).abs().max().item() <= 1e-5
 
 
-def test_alignment_is_kept_only_when_it_wins_on_held_out_pairs(pipe, reference):
+def test_alignment_is_kept_only_when_it_wins_on_held_out_pairs(adapter, reference):
     result = AlignmentResult(list(reference.sigmas), 2.0, 1.0, "full")
     assert accept_alignment(result, 1.0, 0.9)
     assert not accept_alignment(result, 1.0, 1.0)
     assert not accept_alignment(result, 1.0, 0.99, min_relative_gain=0.05)
     assert not accept_alignment(AlignmentResult(list(reference.sigmas), 1.0, 1.0, "full"), 1.0, 0.5)
     holdout = reference.subset([1, 3])
-    before, after = holdout_losses(pipe, holdout, uniform_mask(STEPS, 4), reference.sigmas)
+    before, after = holdout_losses(adapter, holdout, uniform_mask(STEPS, 4), reference.sigmas)
     assert before == after
 
 
 def test_aligned_sigmas_deploy_exactly_on_the_default_pipeline():
-    digits = pytest.importorskip("budcache_pipeline.models.digits")
-    try:
-        default = digits.load_default_pipeline()
-    except FileNotFoundError:
-        pytest.skip("the default model's weights are not built")
+    from budcache_pipeline.models.spec import load_adapter
     from budcache_pipeline.search import compute_reference
 
+    default = load_adapter({"adapter": "digits"})
+    size = Size(16, 16)
     prompts, seeds, steps = ["a handwritten seven", "the digit 2"], [11, 12], 10
-    reference = compute_reference(default, prompts, seeds, steps, 16, 16, progress=False)
+    reference = compute_reference(default, prompts, seeds, steps, size, progress=False)
     mask = [True, False, False, True, False, False, False, True, False, True]
     result = align_schedule(default, reference, mask, iterations=2, lr=0.001, progress=False)
     assert result.improved and result.sigmas != reference.sigmas
     policy = aligned_policy(CachePolicy(mask=mask, model_name="digits", model_fingerprint="x"), result)
     objective = MaskObjective(default, reference, sigmas=list(policy.sigmas))
     sampled = objective.final_latents(mask)
-    call_sigmas = scheduler_input_sigmas(default.scheduler, list(policy.sigmas), image_seq_len(default, 16, 16))
-    runtime = enable_budcache(default, policy)
+    runtime = enable_budcache(default.pipe, policy)
     try:
-        deployed = default(
+        deployed = default.pipe(
             prompts,
             height=16,
             width=16,
-            num_inference_steps=steps,
-            sigmas=call_sigmas,
             generator=[torch.Generator().manual_seed(s) for s in seeds],
             output_type="latent",
+            **default.schedule_kwargs(list(policy.sigmas), size),
         ).images
         assert runtime.compute_counts() == {"cond": sum(mask)}
     finally:
-        disable_budcache(default)
+        disable_budcache(default.pipe)
     assert (deployed - sampled).abs().max().item() <= 1e-5

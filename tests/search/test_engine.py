@@ -47,7 +47,8 @@ def test_search_keeps_the_budget_and_beats_every_start(objective):
     sa = history[history.phase == "sa"]
     assert len(sa) == 4 * 30
     assert sa.temperature.iloc[0] == pytest.approx(5e-2) and sa.temperature.iloc[29] == pytest.approx(1e-5)
-    assert (history.groupby("start").best_loss.apply(lambda s: s.is_monotonic_decreasing)).all()
+    # Best-so-far never rises within one objective (SA scores on the screening subset, HC on the full set).
+    assert (history.groupby(["start", "objective"]).best_loss.apply(lambda s: s.is_monotonic_decreasing)).all()
     cost = result.cost
     assert 0 < cost["block_stack_calls"] < cost["block_stack_calls_naive"]
     assert cost["saved_fraction"] == pytest.approx(1 - cost["block_stack_calls"] / cost["block_stack_calls_naive"])
@@ -55,18 +56,18 @@ def test_search_keeps_the_budget_and_beats_every_start(objective):
     assert 0 < cost["start_block_stack_calls"] < cost["start_block_stack_calls_naive"] < cost["block_stack_calls_naive"]
 
 
-def test_same_inputs_and_seed_give_a_byte_identical_policy(pipe, reference):
-    first = to_policy(search_policy(MaskObjective(pipe, reference), 3, seed=3, **FAST)).to_json()
-    second = to_policy(search_policy(MaskObjective(pipe, reference), 3, seed=3, **FAST)).to_json()
+def test_same_inputs_and_seed_give_a_byte_identical_policy(adapter, reference):
+    first = to_policy(search_policy(MaskObjective(adapter, reference), 3, seed=3, **FAST)).to_json()
+    second = to_policy(search_policy(MaskObjective(adapter, reference), 3, seed=3, **FAST)).to_json()
     assert first == second
     policy = json.loads(first)
     assert policy["provenance"]["cost"]["block_stack_calls"] > 0 and "wall_seconds" not in policy["provenance"]["cost"]
     assert [s["start"] for s in policy["provenance"]["starts"]] == ["dp", "uniform", "front_loaded", "random"]
 
 
-def test_a_killed_search_resumes_from_its_checkpoint_and_ends_with_the_same_policy(pipe, reference, tmp_path):
+def test_a_killed_search_resumes_from_its_checkpoint_and_ends_with_the_same_policy(adapter, reference, tmp_path):
     settings = dict(starts=("uniform", "random"), seed=1, screen_samples=3, **FAST)
-    uninterrupted = search_policy(MaskObjective(pipe, reference), 4, **settings)
+    uninterrupted = search_policy(MaskObjective(adapter, reference), 4, **settings)
     checkpoint = tmp_path / "search.json"
 
     def kill_at(phase, iteration):
@@ -77,10 +78,10 @@ def test_a_killed_search_resumes_from_its_checkpoint_and_ends_with_the_same_poli
         return callback
 
     with pytest.raises(Stop):
-        search_policy(MaskObjective(pipe, reference), 4, checkpoint=checkpoint, callback=kill_at("sa", 25), **settings)
+        search_policy(MaskObjective(adapter, reference), 4, checkpoint=checkpoint, callback=kill_at("sa", 25), **settings)
     with pytest.raises(Stop):
-        search_policy(MaskObjective(pipe, reference), 4, checkpoint=checkpoint, callback=kill_at("hc", 1), **settings)
-    resumed_objective = MaskObjective(pipe, reference)
+        search_policy(MaskObjective(adapter, reference), 4, checkpoint=checkpoint, callback=kill_at("hc", 1), **settings)
+    resumed_objective = MaskObjective(adapter, reference)
     resumed = search_policy(resumed_objective, 4, checkpoint=checkpoint, **settings)
     assert resumed.mask == uninterrupted.mask and resumed.loss == uninterrupted.loss
     assert resumed.starts == uninterrupted.starts

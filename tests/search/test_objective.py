@@ -14,9 +14,9 @@ from tests.search.conftest import STEPS, random_mask
 
 
 @pytest.mark.parametrize("forecast", ["reuse", "linear"])
-def test_prefix_reuse_gives_the_losses_of_full_rollouts(pipe, reference, forecast):
-    reusing = MaskObjective(pipe, reference, max_cached_states=64, forecast=forecast)
-    fresh = MaskObjective(pipe, reference, max_cached_states=0, forecast=forecast)
+def test_prefix_reuse_gives_the_losses_of_full_rollouts(adapter, reference, forecast):
+    reusing = MaskObjective(adapter, reference, max_cached_states=64, forecast=forecast)
+    fresh = MaskObjective(adapter, reference, max_cached_states=0, forecast=forecast)
     generator = torch.Generator().manual_seed(0)
     base = uniform_mask(STEPS, 5)
     masks = [base]
@@ -35,11 +35,11 @@ def test_prefix_reuse_gives_the_losses_of_full_rollouts(pipe, reference, forecas
     assert reusing.stats["block_stack_calls"] < 0.8 * reusing.stats["block_stack_calls_naive"]
     assert fresh.stats["block_stack_calls"] == fresh.stats["block_stack_calls_naive"]
     assert len(reusing._states) <= 64
-    assert get_runtime(pipe.transformer) is None, "hooks are only on the transformer during an evaluation"
+    assert get_runtime(adapter.transformer) is None, "hooks are only on the transformer during an evaluation"
 
 
-def test_prefix_reuse_runs_each_distinct_computed_prefix_exactly_once(pipe, reference):
-    objective = MaskObjective(pipe, reference, max_cached_states=10_000, forecast="linear")
+def test_prefix_reuse_runs_each_distinct_computed_prefix_exactly_once(adapter, reference):
+    objective = MaskObjective(adapter, reference, max_cached_states=10_000, forecast="linear")
     generator = torch.Generator().manual_seed(2)
     masks = [random_mask(STEPS, b, generator) for b in (3, 4, 4, 5, 7, 9)]
     for mask in masks[:3]:
@@ -70,9 +70,9 @@ def test_full_budget_has_zero_loss_against_its_own_reference(objective):
     assert objective(uniform_mask(STEPS, 3)) > 0
 
 
-def test_pluggable_loss_and_subsets(pipe, reference):
-    l1 = MaskObjective(pipe, reference, loss=lambda a, b: (a - b).abs().flatten(1).mean(1))
-    mse = MaskObjective(pipe, reference, loss=latent_mse_per_sample)
+def test_pluggable_loss_and_subsets(adapter, reference):
+    l1 = MaskObjective(adapter, reference, loss=lambda a, b: (a - b).abs().flatten(1).mean(1))
+    mse = MaskObjective(adapter, reference, loss=latent_mse_per_sample)
     mask = uniform_mask(STEPS, 4)
     assert l1(mask) != mse(mask)
     sub = mse.subset(3)
@@ -90,8 +90,8 @@ def test_bad_masks_are_refused(objective):
 
 
 @pytest.mark.parametrize("forecast", ["reuse", "linear"])
-def test_batched_candidates_equal_one_sampler_rollout_each(pipe, reference, forecast):
-    objective = MaskObjective(pipe, reference, max_rows_per_forward=2 * len(reference), forecast=forecast)
+def test_batched_candidates_equal_one_sampler_rollout_each(adapter, reference, forecast):
+    objective = MaskObjective(adapter, reference, max_rows_per_forward=2 * len(reference), forecast=forecast)
     generator = torch.Generator().manual_seed(1)
     masks = [random_mask(STEPS, b, generator) for b in (2, 4, 4, 7, 11)] + [uniform_mask(STEPS, 4)] * 2
     losses = objective.evaluate_many(masks)
@@ -101,22 +101,22 @@ def test_batched_candidates_equal_one_sampler_rollout_each(pipe, reference, fore
         policy = CachePolicy(
             mask=mask, model_name="t", model_fingerprint="t", sigmas=reference.sigmas, forecast=forecast
         )
-        runtime = enable_budcache(pipe.transformer, policy)
+        runtime = enable_budcache(adapter.transformer, policy)
         try:
             with torch.no_grad():
                 final = rollout(objective.denoiser, runtime, objective.noise, sigmas).final
         finally:
-            disable_budcache(pipe.transformer)
+            disable_budcache(adapter.transformer)
         expected = float(latent_mse_per_sample(final, reference.final).double().mean())
         assert abs(loss - expected) <= 1e-6 * expected
 
 
-def test_linear_forecast_scores_masks_differently_and_unknown_forecasts_are_refused(pipe, reference):
-    reuse = MaskObjective(pipe, reference)
-    linear = MaskObjective(pipe, reference, forecast="linear")
+def test_linear_forecast_scores_masks_differently_and_unknown_forecasts_are_refused(adapter, reference):
+    reuse = MaskObjective(adapter, reference)
+    linear = MaskObjective(adapter, reference, forecast="linear")
     two_computes_then_cached = [True, True] + [False] * (STEPS - 2)
     one_compute = [True] + [False] * (STEPS - 1)
     assert linear(two_computes_then_cached) != reuse(two_computes_then_cached)
     assert linear(one_compute) == reuse(one_compute), "with one computed residual there is no slope to follow"
     with pytest.raises(ValueError, match="unknown forecast 'cubic'"):
-        MaskObjective(pipe, reference, forecast="cubic")
+        MaskObjective(adapter, reference, forecast="cubic")

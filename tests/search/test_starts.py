@@ -79,8 +79,8 @@ def edge_mask(i: int, j: int, steps: int) -> list[bool]:
     return [not (i < k < j) for k in range(steps)]
 
 
-def test_edge_errors_are_the_losses_of_single_segment_rollouts(pipe, reference):
-    objective = MaskObjective(pipe, reference)
+def test_edge_errors_are_the_losses_of_single_segment_rollouts(adapter, reference):
+    objective = MaskObjective(adapter, reference)
     exact = edge_errors(objective, samples=3, exact=True)
     linear = edge_errors(objective, samples=3)
     sub = objective.subset(3)
@@ -99,8 +99,8 @@ def test_edge_errors_are_the_losses_of_single_segment_rollouts(pipe, reference):
     assert sum(mask) == 4 and mask[0]
 
 
-def test_edge_error_cost_is_counted_against_separate_rollouts_from_the_noise(pipe, reference):
-    objective = MaskObjective(pipe, reference)
+def test_edge_error_cost_is_counted_against_separate_rollouts_from_the_noise(adapter, reference):
+    objective = MaskObjective(adapter, reference)
     edge_errors(objective, samples=3)
     n, per_pair = STEPS, 3 / len(reference)
     shared = n + (n - 1) + sum(n - j for j in range(2, n))

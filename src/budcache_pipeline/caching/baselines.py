@@ -37,6 +37,7 @@ from budcache_pipeline.caching.teacache import (
 )
 from budcache_pipeline.policy import CachePolicy, uniform_mask
 from budcache_pipeline.sampling import rollout
+from budcache_pipeline.solvers import EulerSolver
 
 METHODS = ("uniform", "teacache", "first_block_cache", "mag_cache", "taylorseer")
 TEACACHE_PUBLISHED = "teacache_flux"  # TeaCache with FLUX.1's published polynomial instead of a fitted one
@@ -156,9 +157,12 @@ class RolloutSet:
     noise: torch.Tensor
     sigmas: torch.Tensor
     reference: torch.Tensor | None = None
+    solver: Any = None
 
     def __post_init__(self) -> None:
         self.sigmas = torch.as_tensor(self.sigmas, dtype=torch.float32)
+        if self.solver is None:
+            self.solver = EulerSolver(self.sigmas)
         if self.reference is not None and self.reference.shape != self.noise.shape:
             raise ValueError(
                 f"reference finals have shape {tuple(self.reference.shape)} but the noise {tuple(self.noise.shape)}"
@@ -177,22 +181,19 @@ class RolloutSet:
 
     def subset(self, index: slice) -> RolloutSet:
         reference = self.reference[index] if self.reference is not None else None
-        return RolloutSet(self.denoiser.subset(index), self.noise[index], self.sigmas, reference)
+        return RolloutSet(self.denoiser.subset(index), self.noise[index], self.sigmas, reference, self.solver)
 
     @classmethod
-    def from_reference(
-        cls, pipe: Any, reference: Any, height: int | None = None, width: int | None = None
-    ) -> RolloutSet:
-        """Rebuild the conditioning of a reference set (prompts, seeds, sigmas, noise, final) for other rollouts."""
-        from budcache_pipeline.models.flux import prepare_batch
-
-        height = reference.height if height is None else height
-        width = reference.width if width is None else width
-        batch = prepare_batch(pipe, list(reference.prompts), list(reference.seeds), height, width)
-        noise = torch.as_tensor(reference.noise).to(batch.noise)
-        if noise.shape != batch.noise.shape or not torch.allclose(noise, batch.noise):
-            raise ValueError("the reference's noise does not match its seeds: was it computed at another size?")
-        return cls(batch.denoiser, noise, torch.as_tensor(reference.sigmas), torch.as_tensor(reference.final))
+    def from_reference(cls, adapter: Any, reference: Any) -> RolloutSet:
+        """The reference set's stored conditioning, noise, schedule and finals, ready for other rollouts."""
+        noise = torch.as_tensor(reference.noise).to(adapter.device, adapter.latent_dtype)
+        return cls(
+            reference.denoiser(adapter),
+            noise,
+            torch.as_tensor(reference.sigmas),
+            torch.as_tensor(reference.final),
+            adapter.solver(reference.sigmas),
+        )
 
 
 def probe_module(block: torch.nn.Module) -> torch.nn.Module:
@@ -276,14 +277,28 @@ def _diffusers_config(method: CacheMethod, steps: int) -> Any:
     )
 
 
+def _on_sigmas(solver: Any, sigmas: Sequence[float]) -> Any:
+    """`solver` over a method's own sigmas: Euler takes any schedule, a multistep scheduler only its own."""
+    target = torch.tensor(list(sigmas), dtype=torch.float32)
+    if isinstance(solver, EulerSolver):
+        return solver.with_sigmas(target.to(solver.sigmas.device))
+    own = solver.sigmas.detach().cpu().float()
+    if own.shape == target.shape and torch.allclose(own, target, atol=1e-6):
+        return solver
+    raise BaselineError(
+        f"{type(solver).__name__} runs only its scheduler's own sigmas: this method carries another schedule"
+    )
+
+
 class _Enabled:
     """A method applied to a transformer for the duration of a `with` block; runs rollouts under it."""
 
-    def __init__(self, method: CacheMethod, transformer: torch.nn.Module, sigmas: torch.Tensor) -> None:
+    def __init__(self, method: CacheMethod, transformer: torch.nn.Module, solver: Any) -> None:
         own = method.params.get("sigmas")
         self.method, self.transformer = method, transformer
-        self.sigmas = torch.tensor(own, dtype=torch.float32) if own is not None else sigmas
-        self.steps = len(sigmas) - 1
+        self.solver = solver if own is None else _on_sigmas(solver, own)
+        self.sigmas = self.solver.sigmas
+        self.steps = solver.steps
         self.runtime: Any = None
 
     def __enter__(self) -> _Enabled:
@@ -317,15 +332,15 @@ class _Enabled:
         """Final latents, and per-sample compute counts when the method keeps them itself."""
         kind = self.method.kind
         if kind in ("policy", "uniform"):
-            return rollout(data.denoiser, self.runtime, data.noise, self.sigmas).final, None
+            return rollout(data.denoiser, self.runtime, data.noise, self.solver).final, None
         if kind == "teacache":
             self.runtime.reset()
-            final = rollout(data.denoiser, None, data.noise, self.sigmas).final
+            final = rollout(data.denoiser, None, data.noise, self.solver).final
             counts = torch.stack(list(self.runtime.compute_counts().values())).amax(dim=0)
             return final, counts.numpy()
         if kind != "none":
             self.transformer._reset_stateful_cache()
-        return rollout(data.denoiser, None, data.noise, self.sigmas).final, None
+        return rollout(data.denoiser, None, data.noise, self.solver).final, None
 
 
 def run_method(method: CacheMethod, data: RolloutSet, per_image: bool | None = None) -> MethodRun:
@@ -335,7 +350,7 @@ def run_method(method: CacheMethod, data: RolloutSet, per_image: bool | None = N
     pieces = [data.subset(slice(i, i + 1)) for i in range(len(data))] if per_image else [data]
     finals, steps, blocks, seconds, cpu_seconds = [], [], [], 0.0, 0.0
     with torch.inference_mode(), ComputeCounter(transformer) as counter:
-        with _Enabled(method, transformer, data.sigmas) as enabled:
+        with _Enabled(method, transformer, data.solver) as enabled:
             for piece in pieces:
                 counter.reset()
                 start, cpu_start = time.perf_counter(), time.process_time()
@@ -493,7 +508,7 @@ class BaselineCalibrator:
 
     def _measure(self) -> None:
         with torch.inference_mode():
-            changes = trace_stack_changes(self.data.denoiser, self.data.noise, self.data.sigmas)
+            changes = trace_stack_changes(self.data.denoiser, self.data.noise, self.data.solver)
         if self._coefficients is None:
             self.teacache_fit = fit_teacache_coefficients(changes)
             self._coefficients = self.teacache_fit.coefficients
@@ -680,7 +695,7 @@ def teacache_mask(method: CacheMethod, data: RolloutSet, budget: int) -> list[bo
         raise BaselineError(f"teacache_mask needs a TeaCache method, got {method.kind!r}")
     if not 1 <= budget <= data.steps:
         raise BaselineError(f"budget must be between 1 and {data.steps} steps, got {budget}")
-    with torch.inference_mode(), _Enabled(method, data.transformer, data.sigmas) as enabled:
+    with torch.inference_mode(), _Enabled(method, data.transformer, data.solver) as enabled:
         enabled.run(data)
         frequency = enabled.runtime.step_decisions().float().mean(dim=1).tolist()
     frequency[0] = math.inf

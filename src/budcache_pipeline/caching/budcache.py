@@ -193,8 +193,9 @@ class BudCacheRuntime:
         values = live.detach().to("cpu", torch.float64)
         if self._schedule is not None and not torch.allclose(values, self._schedule, rtol=1e-4, atol=1e-6):
             raise BudCacheError(
-                "the pipeline's sigmas differ from the policy's schedule: pass "
-                "budcache_pipeline.caching.pipeline_sigmas(pipe, policy) as `sigmas=`"
+                "the pipeline's sigmas differ from the policy's schedule: call the pipeline with "
+                "`**adapter.schedule_kwargs(policy.sigmas, size)` (for FLUX and SD3: `sigmas=` from "
+                "budcache_pipeline.schedules.scheduler_input_sigmas)"
             )
         self._checked_live = (live, values.tolist())
         return self._checked_live[1]
@@ -203,9 +204,12 @@ class BudCacheRuntime:
         """The index of `timestep` in the schedule (sigma units, or 1000x sigma for models that take t)."""
         value = float(torch.as_tensor(timestep).detach().float().max())
         sigmas = self._current_schedule()[:-1]
-        sigma = value if value <= 1.0 + 1e-6 else value / 1000.0
+        thousands = value > 1.0 + 1e-6
+        sigma = value / 1000.0 if thousands else value
+        # Schedulers with integer timesteps (UniPC, as Wan2.1 ships it) truncate 1000 x sigma.
+        slack = 1e-3 if thousands else 1e-6
         distance = [abs(s - sigma) for s in sigmas]
-        tolerance = [_MATCH_RELATIVE_TOLERANCE * abs(s) + 1e-6 for s in sigmas]
+        tolerance = [_MATCH_RELATIVE_TOLERANCE * abs(s) + slack for s in sigmas]
         candidates = [i for i, (d, t) in enumerate(zip(distance, tolerance)) if d <= t]
         if not candidates:
             raise BudCacheError(

@@ -271,7 +271,7 @@ class _StackRecorder:
 def trace_stack_changes(
     denoiser: Any,
     noise: torch.Tensor,
-    sigmas: torch.Tensor | Sequence[float],
+    sigmas: Any,
     modulated_input: ModulatedInput = flux_modulated_input,
 ) -> StackChanges:
     """Run an uncached rollout of the batch and measure how the stack's input and residual change per step."""
@@ -286,7 +286,7 @@ def trace_stack_changes(
     ]
     try:
         with torch.no_grad():
-            rollout(denoiser, None, noise, torch.as_tensor(sigmas, dtype=torch.float32))
+            rollout(denoiser, None, noise, sigmas)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,47 +1,55 @@
-"""What every model-running node shares: loading the configured model on the right device.
+"""What every model-running node shares: the configured model adapter, loaded once per process.
 
-Nodes name the model by an import path (`module:function`) in `params:model`, so the
-same pipelines run the embedded digits model, a FLUX checkpoint loader or a test double.
+Nodes get the `model:` block (`conf/base/parameters.yml`) and ask for its adapter here; the
+first node that asks loads it (and sets the torch thread count), later nodes of the same run
+reuse it, so a FLUX.1-dev checkpoint is read from disk once per `kedro run`.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import logging
 from typing import Any
 
 import torch
 
+from budcache_pipeline.models.adapter import Size
+from budcache_pipeline.models.spec import ModelSpec, load_adapter
+
 logger = logging.getLogger(__name__)
+_LOADED: dict[str, Any] = {}
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """`auto` (or nothing) means the GPU when one is present, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def import_object(path: str) -> Any:
-    """`package.module:attribute`, the form entry points use."""
-    module, _, attribute = path.partition(":")
-    if not module or not attribute:
-        raise ValueError(f"model loader {path!r} must look like 'package.module:function'")
-    return getattr(importlib.import_module(module), attribute)
+def model_spec(model_params: dict[str, Any]) -> ModelSpec:
+    return ModelSpec.from_params(dict(model_params))
 
 
 def load_model(model_params: dict[str, Any]) -> Any:
-    """The configured pipeline on its device, with progress bars off and torch threads as configured.
+    """The configured adapter on its device (cached by the block's content), progress bars off."""
+    key = json.dumps(model_params, sort_keys=True, default=str)
+    if key not in _LOADED:
+        spec = model_spec(model_params)
+        adapter = load_adapter(spec)
+        if hasattr(adapter.pipe, "set_progress_bar_config"):
+            adapter.pipe.set_progress_bar_config(disable=True)
+        logger.info(
+            "loaded %s (%s) on %s (%d torch threads)",
+            spec.registered_name, spec.adapter, adapter.device, torch.get_num_threads(),
+        )
+        _LOADED.clear()
+        _LOADED[key] = adapter
+    return _LOADED[key]
 
-    Small models can run faster on fewer threads than torch's default (one per core, and
-    more on shared machines), so the thread count is a parameter.
-    """
-    threads = model_params.get("torch_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    device = resolve_device(model_params.get("device"))
-    pipe = import_object(model_params["loader"])(device=device)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    logger.info("loaded %s on %s (%d torch threads)", model_params["name"], device, torch.get_num_threads())
-    return pipe
+
+def model_size(adapter: Any, model_params: dict[str, Any]) -> Size:
+    """The size the policies are searched for: the block's, else the adapter's default."""
+    spec = model_spec(model_params)
+    default = adapter.tiny_size if spec.weights == "tiny" else adapter.default_size
+    return spec.size(default)
+
+
+def model_steps(model_params: dict[str, Any]) -> int:
+    steps = model_spec(model_params).steps
+    if steps is None:
+        raise ValueError("model.steps is not set: give the number of sampling steps the policies are searched for")
+    return int(steps)

@@ -10,7 +10,7 @@ from budcache_pipeline.search.alignment import (
 from budcache_pipeline.search.engine import DEFAULT_STARTS, SearchResult, result_to_policy, search_policy
 from budcache_pipeline.search.objective import MaskObjective, latent_mse_per_sample, mask_key
 from budcache_pipeline.search.reference import (
-    ReferenceError,
+    ReferenceSetError,
     ReferenceSet,
     compute_reference,
     load_reference,
@@ -21,7 +21,7 @@ __all__ = [
     "DEFAULT_STARTS",
     "AlignmentResult",
     "MaskObjective",
-    "ReferenceError",
+    "ReferenceSetError",
     "ReferenceSet",
     "SearchResult",
     "SearchSetupError",

@@ -74,8 +74,13 @@ def _rounded(sigmas: torch.Tensor) -> list[float]:
 class _Rollouts:
     """Differentiable cached rollouts of a reference under a fixed mask."""
 
-    def __init__(self, pipe: Any, reference: ReferenceSet, mask: Sequence[bool], forecast: str) -> None:
-        self.objective = MaskObjective(pipe, reference, max_cached_states=0, forecast=forecast)
+    def __init__(self, adapter: Any, reference: ReferenceSet, mask: Sequence[bool], forecast: str) -> None:
+        self.objective = MaskObjective(adapter, reference, max_cached_states=0, forecast=forecast)
+        if not self.objective.solver.differentiable:
+            raise ValueError(
+                f"schedule alignment backpropagates through Euler steps; {type(adapter.pipe.scheduler).__name__} "
+                "is a multistep solver: set align.max_budget_fraction to 0 for this model"
+            )
         self.mask = [bool(m) for m in mask]
         if len(self.mask) != reference.steps:
             raise ValueError(f"mask has {len(self.mask)} entries, the reference has {reference.steps} steps")
@@ -84,13 +89,13 @@ class _Rollouts:
 
     def loss(self, sigmas: torch.Tensor) -> torch.Tensor:
         o = self.objective
-        with budcache_session(o.pipe.transformer, sigmas.detach().tolist(), o.forecast) as runtime:
-            final = rollout(o.denoiser, runtime, o.noise, sigmas, mask=self.mask).final
+        with budcache_session(o.adapter.transformer, sigmas.detach().tolist(), o.forecast) as runtime:
+            final = rollout(o.denoiser, runtime, o.noise, o.solver.with_sigmas(sigmas), mask=self.mask).final
         return o.loss(final, o.target).mean()
 
 
 def align_schedule(
-    pipe: Any,
+    adapter: Any,
     reference: ReferenceSet,
     mask: Sequence[bool],
     *,
@@ -113,13 +118,13 @@ def align_schedule(
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     torch.manual_seed(seed)
-    runs = _Rollouts(pipe, reference, mask, forecast)
+    runs = _Rollouts(adapter, reference, mask, forecast)
     device = runs.objective.sigmas.device
     base = torch.tensor(reference.sigmas, dtype=torch.float64, device=device)
     fixed = anchors(runs.mask, variant)
     logits = torch.log(base[:-1] - base[1:]).clone().requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=lr)
-    parameters = list(pipe.transformer.parameters())
+    parameters = list(adapter.transformer.parameters())
     trainable = [p.requires_grad for p in parameters]
     for p in parameters:
         p.requires_grad_(False)
@@ -152,11 +157,11 @@ def align_schedule(
 
 
 def holdout_losses(
-    pipe: Any, holdout: ReferenceSet, mask: Sequence[bool], sigmas: Sequence[float], forecast: str = "reuse"
+    adapter: Any, holdout: ReferenceSet, mask: Sequence[bool], sigmas: Sequence[float], forecast: str = "reuse"
 ) -> tuple[float, float]:
     """Held-out loss of `mask` with the reference's sigmas and with `sigmas` (for `accept_alignment`)."""
-    before = MaskObjective(pipe, holdout, max_cached_states=0, forecast=forecast)(mask)
-    after = MaskObjective(pipe, holdout, max_cached_states=0, sigmas=sigmas, forecast=forecast)(mask)
+    before = MaskObjective(adapter, holdout, max_cached_states=0, forecast=forecast)(mask)
+    after = MaskObjective(adapter, holdout, max_cached_states=0, sigmas=sigmas, forecast=forecast)(mask)
     return before, after
 
 

@@ -425,6 +425,7 @@ def result_to_policy(
     settings: dict[str, Any],
     scores: dict[str, Any],
     created_at: str | None = None,
+    model_weights: str | None = None,
 ) -> CachePolicy:
     """The deployable policy of a search, with settings, scores, starts and cost in its provenance.
 
@@ -457,4 +458,5 @@ def result_to_policy(
         sigmas=tuple(sigmas) if sigmas is not None else None,
         provenance=provenance_now(**entries),
         forecast=result.forecast,
+        model_weights=model_weights,
     )

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from budcache_pipeline.caching import BudCacheRuntime, ContextSnapshot, disable_budcache, enable_budcache, get_runtime
-from budcache_pipeline.models.flux import FluxDenoiser, prepare_batch
 from budcache_pipeline.policy import CachePolicy, check_forecast, model_fingerprint
-from budcache_pipeline.sampling import RolloutState, euler_step
-from budcache_pipeline.search.reference import ReferenceError, ReferenceSet, check_uncached
+from budcache_pipeline.sampling import RolloutState
+from budcache_pipeline.solvers import SolverState, euler_step, split_state, stack_states
+from budcache_pipeline.search.reference import ReferenceSetError, ReferenceSet, check_uncached
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _TEACHER_RELATIVE_TOLERANCE = 1e-3
@@ -78,7 +78,7 @@ class MaskObjective:
 
     def __init__(
         self,
-        pipe: Any,
+        adapter: Any,
         reference: ReferenceSet,
         loss: Loss = latent_mse_per_sample,
         max_cached_states: int = 256,
@@ -88,18 +88,18 @@ class MaskObjective:
         forecast: str = "reuse",
     ) -> None:
         if len(reference) == 0:
-            raise ReferenceError("the reference set is empty: give at least one (prompt, seed) pair")
+            raise ReferenceSetError("the reference set is empty: give at least one (prompt, seed) pair")
         expected = reference.manifest.get("model_fingerprint")
-        found = model_fingerprint(pipe.transformer)
+        found = model_fingerprint(adapter.transformer)
         if expected is not None and expected != found:
-            raise ReferenceError(
-                f"the reference was computed for model fingerprint {expected}, this pipe's transformer is {found}: "
+            raise ReferenceSetError(
+                f"the reference was computed for model fingerprint {expected}, this model's transformer is {found}: "
                 "recompute the reference for this model"
             )
         if max_cached_states < 0:
             raise ValueError(f"max_cached_states must be >= 0, got {max_cached_states}")
         self.forecast = check_forecast(forecast)
-        self.pipe = pipe
+        self.adapter = adapter
         self.reference = reference
         self.loss = loss
         self.max_cached_states = max_cached_states
@@ -108,24 +108,17 @@ class MaskObjective:
         if len(schedule) != self.steps + 1:
             raise ValueError(f"sigmas must hold steps + 1 = {self.steps + 1} values, got {len(schedule)}")
         self.schedule = [float(s) for s in schedule]
-        transformer = pipe.transformer
-        device = transformer.device
-        self.sigmas = torch.tensor(self.schedule, dtype=torch.float32, device=device)
-        batch = prepare_batch(pipe, reference.prompts, reference.seeds, reference.height, reference.width)
-        if batch.noise.shape != reference.noise.shape:
-            raise ReferenceError(
-                f"this pipe draws noise of shape {tuple(batch.noise.shape)} but the reference holds "
-                f"{tuple(reference.noise.shape)}: recompute the reference for this model and size"
-            )
-        if not torch.allclose(batch.noise.cpu().float(), reference.noise.float(), rtol=1e-5, atol=1e-6):
-            raise ReferenceError("this pipe draws other noise for the reference's seeds: recompute the reference")
-        self.denoiser = batch.denoiser
-        self.noise = reference.noise.to(device=device, dtype=transformer.dtype)
+        device = adapter.device
+        self.solver = adapter.solver(self.schedule)
+        self.sigmas = self.solver.sigmas
+        self.denoiser = reference.denoiser(adapter)
+        self.noise = reference.noise.to(device=device, dtype=adapter.latent_dtype)
         self.target = reference.final.to(device=device)
         self._memo: dict[str, float] = {}
         self._states: OrderedDict[str, RolloutState] = OrderedDict()
         self._pinned: set[str] = set()
         self._teacher: list[torch.Tensor] | None = None
+        self._teacher_solver: list[SolverState] = []
         self._tiles: dict[int, Any] = {}
         self.max_rows_per_forward = max_rows_per_forward
         self._candidates_per_forward = max(1, max_rows_per_forward // len(reference))
@@ -157,7 +150,7 @@ class MaskObjective:
             stride = len(self) // count
             indices = list(range(0, stride * count, stride))
             self.cache[key] = MaskObjective(
-                self.pipe,
+                self.adapter,
                 self.reference.subset(indices),
                 self.loss,
                 self.max_cached_states * len(self) // count,
@@ -252,21 +245,25 @@ class MaskObjective:
         At every step the running candidates are grouped by mask prefix (equal prefixes
         have equal states, so each is computed once), and the distinct prefixes split
         into a compute group and a cached group: one forward each through the BudCache
-        hooks with the rows' residuals stacked, the computation `sampling.rollout` does.
+        hooks with the rows' residuals (and solver states) stacked, the computation
+        `sampling.rollout` does.
         """
         started = time.perf_counter()
         latents: list[torch.Tensor] = []
         caches: list[dict[str, ContextSnapshot]] = []
+        solvers: list[SolverState] = []
         begins: list[int] = []
         for key in keys:
             begin, state = self._longest_prefix(key)
             begins.append(begin)
             latents.append(self.noise if state is None else state.latents)
             caches.append({} if state is None else state.cache)
+            solvers.append(self.solver.initial_state() if state is None else state.solver)
         keep = self.max_cached_states > 0
+        rows = len(self)
         computed = 0
         with torch.inference_mode(), budcache_session(
-            self.pipe.transformer, self.schedule, self.forecast
+            self.adapter.transformer, self.schedule, self.forecast
         ) as runtime:
             for step in range(min(begins), self.steps):
                 members: dict[str, list[int]] = {}
@@ -278,20 +275,23 @@ class MaskObjective:
                     if not group:
                         continue
                     stack_residuals = not flag or self.forecast == "linear"
-                    runtime.restore(_stack_caches([caches[k] for k in group], step, stack_residuals))
+                    runtime.restore(_stack_caches([caches[k] for k in group], step, stack_residuals, rows))
                     runtime.mask = [True] * step + [flag] + [True] * (self.steps - step - 1)
                     x = torch.cat([latents[k] for k in group]) if len(group) > 1 else latents[group[0]]
-                    velocity = self._tiled(len(group)).velocity(x, self.sigmas[step])
-                    x = euler_step(x, velocity, self.sigmas[step], self.sigmas[step + 1])
-                    parts = _split_cache(runtime.snapshot(), len(group)) if flag else [caches[k] for k in group]
+                    velocity = self._tiled(len(group)).velocity(x, self.solver.timestep(step))
+                    x, solver_state = self.solver.step(
+                        step, x, velocity, stack_states([solvers[k] for k in group], rows)
+                    )
+                    parts = _split_cache(runtime.snapshot(), len(group), rows) if flag else [caches[k] for k in group]
+                    part_solvers = split_state(solver_state, len(group), rows)
                     computed += len(group) if flag else 0
-                    for k, part, cache in zip(group, x.chunk(len(group)), parts):
+                    for k, part, cache, solver in zip(group, x.chunk(len(group)), parts, part_solvers):
                         part = part.clone() if len(group) > 1 else part
                         prefix = keys[k][: step + 1]
                         for member in members[prefix]:
-                            latents[member], caches[member] = part, cache
+                            latents[member], caches[member], solvers[member] = part, cache, solver
                         if keep and step + 1 < self.steps:
-                            self._store(prefix, RolloutState(step + 1, part, cache))
+                            self._store(prefix, RolloutState(step + 1, part, cache, solver))
         self.stats["evaluations"] += len(keys)
         self.stats["block_stack_calls"] += computed
         self.stats["block_stack_calls_naive"] += sum(key.count("1") for key in keys)
@@ -302,7 +302,7 @@ class MaskObjective:
         if copies == 1:
             return self.denoiser
         if copies not in self._tiles:
-            self._tiles[copies] = tile_denoiser(self.denoiser, copies)
+            self._tiles[copies] = self.denoiser.tile(copies)
         return self._tiles[copies]
 
     # -- teacher ----------------------------------------------------------------------------------
@@ -310,55 +310,63 @@ class MaskObjective:
     def teacher_latents(self) -> list[torch.Tensor]:
         """Uncached latents before every step and the final one (steps + 1 tensors), computed once.
 
-        Also checks that this pipe reproduces the reference's finals: the fingerprint
+        Also checks that this model reproduces the reference's finals: the fingerprint
         does not hash weights, so a retrained model with a stale reference is caught here.
         """
         if self._teacher is None:
             started = time.perf_counter()
             latents = [self.noise]
+            state = self.solver.initial_state()
+            solver_states = [state]
             with torch.inference_mode():
                 x = self.noise
                 for i in range(self.steps):
-                    x = euler_step_plain(self.denoiser, x, self.sigmas[i], self.sigmas[i + 1])
+                    x, state = self.solver.step(i, x, self.denoiser.velocity(x, self.solver.timestep(i)), state)
                     latents.append(x)
+                    solver_states.append(state)
             error = (latents[-1].float() - self.target.float()).norm() / self.target.float().norm().clamp_min(1e-12)
             if error > _TEACHER_RELATIVE_TOLERANCE:
-                raise ReferenceError(
-                    f"this pipe's uncached rollout differs from the reference finals (relative error {error:.2e}): "
+                raise ReferenceSetError(
+                    f"this model's uncached rollout differs from the reference finals (relative error {error:.2e}): "
                     "the reference was computed with other weights or sigmas; recompute it"
                 )
-            self._teacher = latents
+            self._teacher, self._teacher_solver = latents, solver_states
             self.stats["wall_seconds"] += time.perf_counter() - started
             self.stats.setdefault("teacher_block_stack_calls", 0)
             self.stats["teacher_block_stack_calls"] += self.steps
         return self._teacher
 
+    def teacher_state(self, step: int) -> RolloutState | None:
+        """The uncached rollout's state before `step` (no cache yet), to start segments from; None at 0."""
+        if step == 0:
+            return None
+        latents = self.teacher_latents()
+        return RolloutState(step, latents[step], {}, self._teacher_solver[step])
+
 
 def euler_step_plain(
     denoiser: Any, latents: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
 ) -> torch.Tensor:
-    """One uncached Euler step; `sigma` may be a scalar or one value per sample."""
-    velocity = denoiser.velocity(latents, sigma)
+    """One uncached Euler step with one sigma per sample (flow-matching Euler solvers only)."""
+    velocity = denoiser.velocity(latents, sigma * 1000)
     shape = (-1,) + (1,) * (latents.dim() - 1)
     if sigma.dim() == 1:
         sigma, sigma_next = sigma.view(shape), sigma_next.view(shape)
     return euler_step(latents, velocity, sigma, sigma_next)
 
 
-def tile_denoiser(denoiser: Any, copies: int) -> Any:
-    """The denoiser for `copies` stacked copies of its batch (rows of copy c are c*B ... c*B+B-1)."""
-    if not isinstance(denoiser, FluxDenoiser):
-        raise TypeError(f"batched candidate rollouts support FluxDenoiser, got {type(denoiser).__name__}")
-    return dataclasses.replace(
-        denoiser,
-        prompt_embeds=denoiser.prompt_embeds.repeat(copies, 1, 1),
-        pooled_prompt_embeds=denoiser.pooled_prompt_embeds.repeat(copies, 1),
-        guidance=denoiser.guidance.repeat(copies) if denoiser.guidance is not None else None,
-    )
+def _row_groups(tensor: torch.Tensor, parts: int, rows: int) -> torch.Tensor:
+    """View (k * parts * rows, ...) as (k, parts * rows, ...): the k row blocks a transformer call sees.
+
+    SD3 runs guidance as [uncond rows; cond rows] in one call (k = 2), so the residuals of
+    stacked candidates interleave by block, not by candidate.
+    """
+    blocks = tensor.shape[0] // (parts * rows)
+    return tensor.reshape(blocks, parts * rows, *tensor.shape[1:])
 
 
 def _stack_caches(
-    caches: list[dict[str, ContextSnapshot]], step: int, with_residuals: bool
+    caches: list[dict[str, ContextSnapshot]], step: int, with_residuals: bool, rows: int
 ) -> dict[str, ContextSnapshot]:
     """One snapshot whose residuals (and slopes) are the group's stacked in row order.
 
@@ -376,7 +384,9 @@ def _stack_caches(
             return None
         if len(tensors) == 1:
             return present
-        return torch.cat([torch.zeros_like(present) if t is None else t for t in tensors])
+        filled = [torch.zeros_like(present) if t is None else t for t in tensors]
+        blocks = torch.cat([_row_groups(t, 1, rows) for t in filled], dim=1)
+        return blocks.reshape(-1, *present.shape[1:])
 
     return {
         name: ContextSnapshot(
@@ -392,7 +402,7 @@ def _stack_caches(
     }
 
 
-def _split_cache(snapshot: dict[str, ContextSnapshot], parts: int) -> list[dict[str, ContextSnapshot]]:
+def _split_cache(snapshot: dict[str, ContextSnapshot], parts: int, rows: int) -> list[dict[str, ContextSnapshot]]:
     """Per-candidate snapshots from a group's snapshot (cloned so no candidate holds the whole batch)."""
 
     def split(tensor: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -400,7 +410,8 @@ def _split_cache(snapshot: dict[str, ContextSnapshot], parts: int) -> list[dict[
             return [None] * parts
         if parts == 1:
             return [tensor]
-        return [t.clone() for t in tensor.chunk(parts)]
+        blocks = _row_groups(tensor, parts, rows)
+        return [p.reshape(-1, *tensor.shape[1:]).clone() for p in blocks.chunk(parts, dim=1)]
 
     fields = ("residual_hidden", "residual_encoder", "slope_hidden", "slope_encoder", "residual_sigma")
     pieces = {name: {f: split(getattr(s, f)) for f in fields} for name, s in snapshot.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from budcache_pipeline.caching import get_runtime
-from budcache_pipeline.models.flux import flux_default_sigmas, prepare_batch
+from budcache_pipeline.models.adapter import BoundDenoiser, Conditioning, Size
 from budcache_pipeline.policy import model_fingerprint
 from budcache_pipeline.sampling import rollout
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _BATCH_FILE = "batch_{:05d}.safetensors"
+_SHARED_FILE = "conditioning_shared.safetensors"
 # Keys that identify what a reference is; anything else in the manifest is bookkeeping.
 _IDENTITY_KEYS = (
     "format_version",
@@ -37,6 +39,8 @@ _IDENTITY_KEYS = (
     "sigmas",
     "height",
     "width",
+    "num_frames",
+    "adapter_settings",
     "count",
     "prompts_seeds_sha256",
     "batch_size",
@@ -44,13 +48,17 @@ _IDENTITY_KEYS = (
 )
 
 
-class ReferenceError(ValueError):
+class ReferenceSetError(ValueError):
     """A reference set that cannot serve this model or these settings; the message says what differs."""
 
 
 @dataclass
 class ReferenceSet:
-    """Teacher trajectories for (model, steps, prompts, seeds): initial noise and uncached final latents."""
+    """Teacher trajectories for (model, steps, prompts, seeds): initial noise, uncached finals, conditioning.
+
+    The conditioning (encoded prompts) is stored with them, so the search and alignment
+    never run a text encoder.
+    """
 
     prompts: list[str]
     seeds: list[int]
@@ -58,19 +66,24 @@ class ReferenceSet:
     noise: torch.Tensor
     final: torch.Tensor
     manifest: dict[str, Any] = field(default_factory=dict)
+    conditioning: Conditioning | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
-            raise ReferenceError("the reference set is empty: give at least one (prompt, seed) pair")
+            raise ReferenceSetError("the reference set is empty: give at least one (prompt, seed) pair")
         if len(self.prompts) != len(self.seeds):
-            raise ReferenceError(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: give one seed per prompt")
+            raise ReferenceSetError(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: give one seed per prompt")
         if self.noise.shape != self.final.shape or self.noise.shape[0] != len(self.prompts):
-            raise ReferenceError(
+            raise ReferenceSetError(
                 f"noise {tuple(self.noise.shape)} and final {tuple(self.final.shape)} must both have "
                 f"{len(self.prompts)} rows of the same shape"
             )
         if len(self.sigmas) < 2 or self.sigmas[-1] != 0:
-            raise ReferenceError("sigmas must hold steps + 1 values ending at 0")
+            raise ReferenceSetError("sigmas must hold steps + 1 values ending at 0")
+        if self.conditioning is not None and len(self.conditioning) != len(self.prompts):
+            raise ReferenceSetError(
+                f"conditioning has {len(self.conditioning)} rows for {len(self.prompts)} prompts: recompute the reference"
+            )
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -87,16 +100,27 @@ class ReferenceSet:
     def width(self) -> int:
         return self._size("width")
 
+    @property
+    def size(self) -> Size:
+        frames = self.manifest.get("num_frames")
+        return Size(self.height, self.width, None if frames is None else int(frames))
+
+    def denoiser(self, adapter: Any) -> BoundDenoiser:
+        """The adapter bound to this reference's stored conditioning, on the adapter's device."""
+        if self.conditioning is None:
+            raise ReferenceSetError("this reference holds no conditioning: recompute it with compute_reference")
+        return BoundDenoiser(adapter, self.conditioning.to(adapter.device, adapter.dtype))
+
     def _size(self, name: str) -> int:
         if name not in self.manifest:
-            raise ReferenceError(f"the reference's manifest has no '{name}': build it with compute_reference")
+            raise ReferenceSetError(f"the reference's manifest has no '{name}': build it with compute_reference")
         return int(self.manifest[name])
 
     def subset(self, indices: Sequence[int]) -> ReferenceSet:
         """The reference restricted to some pairs, e.g. a screening subset or a single-prompt calibration."""
         indices = list(indices)
         if not indices:
-            raise ReferenceError("a subset needs at least one index")
+            raise ReferenceSetError("a subset needs at least one index")
         index = torch.tensor(indices, dtype=torch.long)
         prompts = [self.prompts[i] for i in indices]
         seeds = [self.seeds[i] for i in indices]
@@ -106,7 +130,10 @@ class ReferenceSet:
             "prompts_seeds_sha256": prompts_seeds_sha256(prompts, seeds),
             "subset_of": self.manifest.get("prompts_seeds_sha256"),
         }
-        return ReferenceSet(prompts, seeds, list(self.sigmas), self.noise[index], self.final[index], manifest)
+        conditioning = self.conditioning.select(indices) if self.conditioning is not None else None
+        return ReferenceSet(
+            prompts, seeds, list(self.sigmas), self.noise[index], self.final[index], manifest, conditioning
+        )
 
 
 def prompts_seeds_sha256(prompts: Sequence[str], seeds: Sequence[int]) -> str:
@@ -118,29 +145,30 @@ def prompts_seeds_sha256(prompts: Sequence[str], seeds: Sequence[int]) -> str:
 def check_uncached(transformer: torch.nn.Module) -> None:
     """Refuse to compute a teacher through a transformer that has a cache enabled."""
     if get_runtime(transformer) is not None:
-        raise ReferenceError("BudCache is enabled on this transformer: call disable_budcache before computing teachers")
+        raise ReferenceSetError("BudCache is enabled on this transformer: call disable_budcache before computing teachers")
     if getattr(transformer, "is_cache_enabled", False):
-        raise ReferenceError("a diffusers cache is enabled on this transformer: call transformer.disable_cache() first")
+        raise ReferenceSetError("a diffusers cache is enabled on this transformer: call transformer.disable_cache() first")
 
 
 def _manifest(
-    pipe: Any,
+    adapter: Any,
     prompts: list[str],
     seeds: list[int],
     sigmas: list[float],
-    height: int,
-    width: int,
+    size: Size,
     batch_size: int,
 ) -> dict[str, Any]:
-    transformer = pipe.transformer
+    transformer = adapter.transformer
     return {
         "format_version": FORMAT_VERSION,
         "model_fingerprint": model_fingerprint(transformer),
         "model_class": type(transformer).__name__,
+        "adapter_settings": adapter.settings(),
         "steps": len(sigmas) - 1,
         "sigmas": sigmas,
-        "height": height,
-        "width": width,
+        "height": size.height,
+        "width": size.width,
+        "num_frames": size.num_frames,
         "count": len(prompts),
         "prompts_seeds_sha256": prompts_seeds_sha256(prompts, seeds),
         "batch_size": batch_size,
@@ -154,7 +182,7 @@ def _check_manifest(found: dict[str, Any], expected: dict[str, Any], where: Path
     differing = [key for key in _IDENTITY_KEYS if found.get(key) != expected.get(key)]
     if differing:
         details = ", ".join(f"{k}: stored {found.get(k)!r} vs now {expected.get(k)!r}" for k in differing[:3])
-        raise ReferenceError(
+        raise ReferenceSetError(
             f"{where / MANIFEST_FILE} was written for other settings ({details}): "
             "use another out_dir or delete that folder to recompute"
         )
@@ -167,31 +195,31 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def compute_reference(
-    pipe: Any,
+    adapter: Any,
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int,
-    height: int,
-    width: int,
+    size: Size,
     out_dir: Path | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> ReferenceSet:
-    """Uncached rollouts of every (prompt, seed) pair, batched, on the pipe's device.
+    """Uncached rollouts of every (prompt, seed) pair, batched, on the adapter's device.
 
-    With `out_dir`, each finished batch is saved (safetensors) next to a manifest, and
-    a rerun skips the batches already there; a manifest for other settings is an error.
+    With `out_dir`, each finished batch (noise, final latents, conditioning) is saved
+    (safetensors) next to a manifest, and a rerun skips the batches already there; a
+    manifest for other settings is an error.
     """
     prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
     if not prompts:
-        raise ReferenceError("no prompts: a reference set needs at least one (prompt, seed) pair")
+        raise ReferenceSetError("no prompts: a reference set needs at least one (prompt, seed) pair")
     if len(prompts) != len(seeds):
-        raise ReferenceError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+        raise ReferenceSetError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     if steps < 1 or batch_size < 1:
-        raise ReferenceError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
-    check_uncached(pipe.transformer)
-    sigmas = flux_default_sigmas(pipe, steps, height, width)
-    manifest = _manifest(pipe, prompts, seeds, sigmas, height, width, batch_size)
+        raise ReferenceSetError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    check_uncached(adapter.transformer)
+    sigmas = adapter.default_sigmas(steps, size)
+    manifest = _manifest(adapter, prompts, seeds, sigmas, size, batch_size)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,50 +227,116 @@ def compute_reference(
         if manifest_path.exists():
             _check_manifest(json.loads(manifest_path.read_text()), manifest, out_dir)
         else:
-            manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    device = pipe.transformer.device
-    sigma_tensor = torch.tensor(sigmas, dtype=torch.float32, device=device)
-    noises, finals = [], []
+            _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    solver = adapter.solver(sigmas)
+    noises, finals, conditionings = [], [], []
     starts = range(0, len(prompts), batch_size)
     for number, begin in enumerate(tqdm(starts, desc="reference", unit="batch", disable=not progress)):
         path = out_dir / _BATCH_FILE.format(number) if out_dir is not None else None
         if path is not None and path.exists():
-            stored = load_file(str(path))
-            noises.append(stored["noise"])
-            finals.append(stored["final"])
-            continue
-        end = begin + batch_size
-        batch = prepare_batch(pipe, prompts[begin:end], seeds[begin:end], height, width)
-        with torch.inference_mode():
-            final = rollout(batch.denoiser, None, batch.noise, sigma_tensor).final
-        noise, final = batch.noise.detach().cpu(), final.detach().cpu()
-        if path is not None:
-            _save_atomic({"noise": noise, "final": final}, path)
+            noise, final, conditioning = _read_batch(path, out_dir)
+        else:
+            end = begin + batch_size
+            conditioning, noise = adapter.prepare(prompts[begin:end], seeds[begin:end], size)
+            with torch.inference_mode():
+                final = rollout(BoundDenoiser(adapter, conditioning), None, noise.to(adapter.latent_dtype), solver).final
+            noise, final, conditioning = noise.detach().cpu(), final.detach().cpu(), conditioning.to("cpu")
+            if path is not None:
+                if number == 0:
+                    _save_atomic(conditioning.shared, out_dir / _SHARED_FILE)
+                _save_atomic({"noise": noise, "final": final, **_row_tensors(conditioning)}, path)
         noises.append(noise)
         finals.append(final)
-    return ReferenceSet(prompts, seeds, sigmas, torch.cat(noises), torch.cat(finals), manifest)
+        conditionings.append(conditioning)
+    return ReferenceSet(
+        prompts, seeds, sigmas, torch.cat(noises), torch.cat(finals), manifest, Conditioning.cat(conditionings)
+    )
+
+
+def _row_tensors(conditioning: Conditioning) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in conditioning.tensors().items() if k.startswith("rows.")}
+
+
+def save_reference(reference: ReferenceSet, out_dir: Path | str) -> None:
+    """Write `reference` in the layout `load_reference` reads, replacing `out_dir` whole.
+
+    The folder is written beside the target and swapped in by renames, so a crash leaves
+    either the old reference or the new one, never a mix of their batches.
+    """
+    out_dir = Path(out_dir)
+    staging, retired = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    batch_size = int(reference.manifest.get("batch_size") or len(reference))
+    conditioning = reference.conditioning
+    if conditioning is not None:
+        _save_atomic(conditioning.shared, staging / _SHARED_FILE)
+    for number, begin in enumerate(range(0, len(reference), batch_size)):
+        rows = slice(begin, begin + batch_size)
+        tensors = {"noise": reference.noise[rows], "final": reference.final[rows]}
+        if conditioning is not None:
+            tensors.update(_row_tensors(conditioning.select(rows)))
+        _save_atomic(tensors, staging / _BATCH_FILE.format(number))
+    # The manifest describes exactly these pairs, also when `reference` is a subset of another one.
+    manifest = {
+        **reference.manifest,
+        "format_version": FORMAT_VERSION,
+        "prompts": reference.prompts,
+        "seeds": reference.seeds,
+        "sigmas": reference.sigmas,
+        "count": len(reference),
+        "batch_size": batch_size,
+    }
+    _write_atomic(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        os.replace(out_dir, retired)
+    os.replace(staging, out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_batch(path: Path, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor, Conditioning | None]:
+    stored = load_file(str(path))
+    shared = load_file(str(out_dir / _SHARED_FILE)) if (out_dir / _SHARED_FILE).is_file() else {}
+    rows = {k: v for k, v in stored.items() if k.startswith("rows.")}
+    if not rows:
+        return stored["noise"], stored["final"], None
+    conditioning = Conditioning.from_tensors({**rows, **{f"shared.{k}": v for k, v in shared.items()}})
+    return stored["noise"], stored["final"], conditioning
 
 
 def load_reference(out_dir: Path | str) -> ReferenceSet:
-    """A reference saved by `compute_reference`; refuses an incomplete one."""
+    """A reference saved by `compute_reference`; refuses an incomplete one or one of an older format."""
     out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise ReferenceError(f"{out_dir} holds no reference ({MANIFEST_FILE} missing): run compute_reference first")
+        raise ReferenceSetError(f"{out_dir} holds no reference ({MANIFEST_FILE} missing): run compute_reference first")
     manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ReferenceSetError(
+            f"{manifest_path} is format {manifest.get('format_version')}, this version reads {FORMAT_VERSION} "
+            "(references now store the encoded prompts): delete that folder and rerun the reference pipeline"
+        )
     batches = -(-manifest["count"] // manifest["batch_size"])
     missing = [i for i in range(batches) if not (out_dir / _BATCH_FILE.format(i)).is_file()]
     if missing:
-        raise ReferenceError(
+        raise ReferenceSetError(
             f"reference in {out_dir} is incomplete ({batches - len(missing)} of {batches} batches): "
             "rerun compute_reference with the same arguments to finish it"
         )
-    stored = [load_file(str(out_dir / _BATCH_FILE.format(i))) for i in range(batches)]
+    parts = [_read_batch(out_dir / _BATCH_FILE.format(i), out_dir) for i in range(batches)]
     return ReferenceSet(
         list(manifest["prompts"]),
         [int(s) for s in manifest["seeds"]],
         [float(s) for s in manifest["sigmas"]],
-        torch.cat([s["noise"] for s in stored]),
-        torch.cat([s["final"] for s in stored]),
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
         manifest,
+        Conditioning.cat([p[2] for p in parts]) if all(p[2] is not None for p in parts) else None,
     )

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from budcache_pipeline.sampling import RolloutState, rollout
-from budcache_pipeline.search.objective import MaskObjective, budcache_session, euler_step_plain, tile_denoiser
+from budcache_pipeline.search.objective import MaskObjective, budcache_session, euler_step_plain
+from budcache_pipeline.solvers import EulerSolver
 
 BUILTIN_STARTS = ("dp", "uniform", "front_loaded", "back_loaded", "random")
 _SUFFIX_ROWS_PER_FORWARD = 1024
@@ -99,20 +100,24 @@ def random_start(steps: int, budget: int, forced: Sequence[int], rng: random.Ran
 # -- LeMiCa DAG start ---------------------------------------------------------------------------
 
 
-def _uncached_suffixes(sub: MaskObjective, jobs: list[tuple[int, torch.Tensor]]) -> tuple[list[torch.Tensor], int]:
-    """Run each (start step, latents) uncached to the end, all jobs in shared forwards.
+def _uncached_suffixes(sub: MaskObjective, jobs: list[RolloutState]) -> tuple[list[torch.Tensor], int]:
+    """Run each state uncached to the end, all jobs in shared forwards.
 
-    Rows carry their own timestep, so suffixes that start at different steps share a
-    forward; jobs are ordered by start step so the rows still running are a prefix.
+    Under Euler, rows carry their own timestep, so suffixes that start at different
+    steps share a forward; jobs are ordered by start step so the rows still running are
+    a prefix. A multistep solver's state is per step, so there each job runs on its own.
     Returns the finals in job order and the number of per-sample block-stack runs.
     """
     if not jobs:
         return [], 0
     samples = len(sub)
+    if not isinstance(sub.solver, EulerSolver):
+        return [_uncached_from(sub, job) for job in jobs], sum(sub.steps - job.step for job in jobs) * samples
+    jobs = [(job.step, job.latents) for job in jobs]
     order = sorted(range(len(jobs)), key=lambda k: jobs[k][0])
     starts = torch.tensor([jobs[k][0] for k in order], device=sub.sigmas.device).repeat_interleave(samples)
     x = torch.cat([jobs[k][1] for k in order])
-    denoiser = tile_denoiser(sub.denoiser, len(jobs))
+    denoiser = sub.denoiser.tile(len(jobs))
     offset, runs = 0, 0
     while True:
         active = int((starts + offset < sub.steps).sum())
@@ -129,6 +134,14 @@ def _uncached_suffixes(sub: MaskObjective, jobs: list[tuple[int, torch.Tensor]])
     for position, k in enumerate(order):
         result[k] = finals[position]
     return result, runs
+
+
+def _uncached_from(sub: MaskObjective, state: RolloutState) -> torch.Tensor:
+    """The uncached rest of a rollout from a captured state, stepping the objective's own solver."""
+    x, solver_state = state.latents, state.solver
+    for i in range(state.step, sub.steps):
+        x, solver_state = sub.solver.step(i, x, sub.denoiser.velocity(x, sub.solver.timestep(i)), solver_state)
+    return x
 
 
 def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False) -> np.ndarray:
@@ -152,15 +165,17 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
     teacher = sub.teacher_latents()
     runs = naive_runs = steps * count
     at: dict[tuple[int, int], torch.Tensor] = {}
+    resume: dict[tuple[int, int], RolloutState] = {}
     with torch.inference_mode():
-        with budcache_session(sub.pipe.transformer, sub.schedule) as runtime:
+        with budcache_session(sub.adapter.transformer, sub.schedule) as runtime:
             for i in range(steps - 1):
                 mask = [True] * (i + 1) + [False] * (steps - i - 1)
-                start = RolloutState(i, teacher[i], {}) if i > 0 else None
                 result = rollout(
-                    sub.denoiser, runtime, sub.noise, sub.sigmas, mask=mask, start=start, capture=range(i + 2, steps)
+                    sub.denoiser, runtime, sub.noise, sub.solver, mask=mask, start=sub.teacher_state(i),
+                    capture=range(i + 2, steps),
                 )
                 at.update({(i, j): state.latents for j, state in result.states.items()})
+                resume.update({(i, j): state for j, state in result.states.items()})
                 at[(i, steps)] = result.final
                 runs += count
                 naive_runs += (i + 1) * count
@@ -171,7 +186,7 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
             pairs = [(i, j) for j in range(2, steps) for i in range(j - 1)]
         else:
             pairs = [(j - 2, j) for j in range(2, steps)]
-        finals, suffix_runs = _uncached_suffixes(sub, [(j, at[(i, j)]) for i, j in pairs])
+        finals, suffix_runs = _uncached_suffixes(sub, [resume[pair] for pair in pairs])
         runs += suffix_runs
         naive_runs += sum(steps - (j - i - 1) for i, j in pairs) * count
         for (i, j), final in zip(pairs, finals):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from budcache_pipeline.metrics import digits_fid, judge_agreement
+from budcache_pipeline.models.digits.quality import digits_fid, judge_agreement
 from budcache_pipeline.models.digits.captions import prompt_for_digit
 from budcache_pipeline.models.digits.data import SPLIT_SEED, holdout_images
 from budcache_pipeline.models.digits.judge import Judge

@@ -41,10 +41,16 @@ def align_budget(
     if fraction > float(params["max_budget_fraction"]):
         report["reason"] = "budget above max_budget_fraction of the steps: schedule kept"
         return policy, report
-    pipe = load_model(model_params)
+    adapter = load_model(model_params)
+    if not adapter.solver(reference_calibration.sigmas).differentiable:
+        report["reason"] = (
+            f"{type(adapter.pipe.scheduler).__name__} is a multistep solver and the pipeline runs its own "
+            "sigmas: schedule kept"
+        )
+        return policy, report
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     result = align_schedule(
-        pipe,
+        adapter,
         reference_calibration.subset(indices),
         policy.mask,
         variant=str(params["variant"]),
@@ -55,7 +61,7 @@ def align_budget(
         forecast=policy.forecast,
     )
     holdout_before, holdout_after = holdout_losses(
-        pipe, reference_holdout, policy.mask, result.sigmas, policy.forecast
+        adapter, reference_holdout, policy.mask, result.sigmas, policy.forecast
     )
     accepted = accept_alignment(result, holdout_before, holdout_after, float(params.get("min_relative_gain", 0.0)))
     report.update(

@@ -44,31 +44,17 @@ def collect_ladder(*policies: CachePolicy) -> dict[int, CachePolicy]:
     return {policy.budget: policy for policy in policies}
 
 
-def _labels(prompts: pd.DataFrame, reference: ReferenceSet) -> list[int] | None:
-    """The digit each held-out prompt asks for, when categories are digits (the default model's prompts)."""
+def _categories(prompts: pd.DataFrame, reference: ReferenceSet) -> list[Any]:
+    """Each held-out pair's prompt category, in the reference's order (for the model's quality plug-in)."""
     category = {(p, int(s)): c for p, s, c in zip(prompts["prompt"], prompts["seed"], prompts["category"])}
-    labels = [category.get((p, int(s))) for p, s in zip(reference.prompts, reference.seeds)]
-    if all(isinstance(c, str) and c.isdigit() and len(c) == 1 for c in labels):
-        return [int(c) for c in labels]
-    return None
+    return [category.get((p, int(s))) for p, s in zip(reference.prompts, reference.seeds)]
 
 
-def _quality(pipe: Any, reference: ReferenceSet, prompts: pd.DataFrame, params: dict[str, Any]) -> QualityMetrics:
-    """Image metrics: PSNR/SSIM whenever the pipe decodes latents; FID and judge agreement for the digits model."""
-    if not hasattr(pipe, "decode_latents"):
-        return QualityMetrics()
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        return pipe.decode_latents(latents.to(pipe.transformer.device), reference.height, reference.width).cpu()
-
-    if params.get("quality") != "digits":
-        return QualityMetrics(decode=decode)
-    from budcache_pipeline.models.digits import load_default_judge
-    from budcache_pipeline.models.digits.data import holdout_images
-
-    real, _ = holdout_images()
-    labels = _labels(prompts, reference)
-    return QualityMetrics(decode=decode, labels=labels, judge=load_default_judge(), real_images=real)
+def _quality(adapter: Any, reference: ReferenceSet, prompts: pd.DataFrame, params: dict[str, Any]) -> QualityMetrics:
+    """Image metrics: the model's quality plug-in (`quality: model`), or PSNR/SSIM alone (`quality: images`)."""
+    if params.get("quality", "model") == "model":
+        return adapter.quality_metrics(reference, _categories(prompts, reference))
+    return QualityMetrics(decode=adapter.quality_metrics(reference).decode)
 
 
 def evaluate_ladder(
@@ -89,10 +75,10 @@ def evaluate_ladder(
     recorded. Returns the metrics table (twice: parquet and CSV), the calibrations, and decoded
     sample images per budget for the grids.
     """
-    pipe = load_model(model_params)
+    adapter = load_model(model_params)
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     calibrator = BaselineCalibrator(
-        RolloutSet.from_reference(pipe, reference_calibration.subset(indices)),
+        RolloutSet.from_reference(adapter, reference_calibration.subset(indices)),
         max_evaluations=int(params["max_calibration_evaluations"]),
         progress=logger.info,
     )
@@ -111,10 +97,10 @@ def evaluate_ladder(
                 continue
             calibrations.append(calibration.summary())
             methods.append(EvalMethod(calibration.name, budget, calibration.method, info={"match": calibration.match}))
-    quality = _quality(pipe, reference_holdout, holdout_prompts, params)
+    quality = _quality(adapter, reference_holdout, holdout_prompts, params)
     finals: dict[tuple[str, int], torch.Tensor] = {}
     table = evaluate_methods(
-        RolloutSet.from_reference(pipe, reference_holdout),
+        RolloutSet.from_reference(adapter, reference_holdout),
         methods,
         quality,
         timing_images=int(params["timing_images"]),

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model
+from budcache_pipeline.pipelines.common import load_model, model_size, model_steps
 from budcache_pipeline.policy import model_fingerprint
 from budcache_pipeline.search import ReferenceSet, compute_reference
 from budcache_pipeline.search.reference import prompts_seeds_sha256
@@ -35,25 +35,25 @@ def compute_reference_set(
     Batches are saved as they finish in `params.resume_dir`, so an interrupted run resumes;
     the folder is removed once the catalog holds the finished reference.
     """
-    pipe = load_model(model_params)
+    adapter = load_model(model_params)
+    size, steps = model_size(adapter, model_params), model_steps(model_params)
     texts, seeds = prompts["prompt"].tolist(), [int(s) for s in prompts["seed"]]
     identity = {
-        "model": model_fingerprint(pipe.transformer),
-        "steps": int(params["steps"]),
-        "height": int(params["height"]),
-        "width": int(params["width"]),
+        "model": model_fingerprint(adapter.transformer),
+        "settings": adapter.settings(),
+        "steps": steps,
+        **size.to_dict(),
         "batch_size": int(params["batch_size"]),
         "pairs": prompts_seeds_sha256(texts, seeds),
     }
     resume = _resume_dir(params["resume_dir"], split, identity)
     started = time.perf_counter()
     reference = compute_reference(
-        pipe,
+        adapter,
         texts,
         seeds,
-        steps=int(params["steps"]),
-        height=int(params["height"]),
-        width=int(params["width"]),
+        steps=steps,
+        size=size,
         out_dir=resume,
         batch_size=int(params["batch_size"]),
         progress=bool(params.get("progress", False)),
@@ -84,8 +84,8 @@ def summarise_references(calibration: ReferenceSet, holdout: ReferenceSet) -> di
         "model_fingerprint": manifest["model_fingerprint"],
         "model_class": manifest["model_class"],
         "steps": calibration.steps,
-        "height": calibration.height,
-        "width": calibration.width,
+        **calibration.size.to_dict(),
+        "adapter_settings": manifest.get("adapter_settings"),
         "dtype": manifest["dtype"],
         "sigmas": list(calibration.sigmas),
         "pairs": {"calibration": len(calibration), "holdout": len(holdout)},

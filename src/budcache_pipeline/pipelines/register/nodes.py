@@ -134,7 +134,7 @@ def register_policies(
         artifacts=[root / p for p in params["artifacts"]],
         policies=ladder,
         experiment=str(params["experiment"]),
-        run_name=params.get("run_name") or f"{parameters['model']['name']} B={run_params['budgets']}",
+        run_name=params.get("run_name") or f"{parameters['model'].get('name') or parameters['model']['adapter']} B={run_params['budgets']}",
         tags=tags,
     )
     registered = register_ladder(

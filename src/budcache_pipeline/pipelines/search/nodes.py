@@ -10,9 +10,10 @@ from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model
-from budcache_pipeline.policy import CachePolicy, model_fingerprint
+from budcache_pipeline.pipelines.common import load_model, model_spec
+from budcache_pipeline.policy import CachePolicy, model_fingerprint, weights_digest
 from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy
+from budcache_pipeline.search.objective import mask_key
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,9 @@ def search_budget(
     if budget > reference_calibration.steps:
         raise ValueError(
             f"budget {budget} exceeds the reference's {reference_calibration.steps} steps: "
-            "lower BUDCACHE_BUDGETS / settings.BUDGETS or raise reference.steps"
+            "lower BUDCACHE_BUDGETS / settings.BUDGETS or raise model.steps"
         )
-    pipe = load_model(model_params)
+    adapter = load_model(model_params)
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     reference = reference_calibration.subset(indices)
     settings = {
@@ -84,7 +85,7 @@ def search_budget(
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
     objective = MaskObjective(
-        pipe, reference, max_cached_states=int(params["max_cached_states"]), forecast=settings["forecast"]
+        adapter, reference, max_cached_states=int(params["max_cached_states"]), forecast=settings["forecast"]
     )
     result = search_policy(
         objective,
@@ -101,8 +102,9 @@ def search_budget(
     )
     policy = result_to_policy(
         result,
-        model_name=model_params["name"],
-        model_fingerprint=model_fingerprint(pipe.transformer),
+        model_name=model_spec(model_params).registered_name,
+        model_fingerprint=model_fingerprint(adapter.transformer),
+        model_weights=weights_digest(adapter.transformer),
         sigmas=reference.sigmas,
         settings=settings,
         scores={"calibration_mse": result.loss},
@@ -112,7 +114,7 @@ def search_budget(
     summary = {
         "budget": budget,
         "steps": result.steps,
-        "mask": "".join("1" if m else "0" for m in result.mask),
+        "mask": mask_key(result.mask),
         "calibration_mse": result.loss,
         "start_spread": result.spread,
         "starts": [
