@@ -102,3 +102,22 @@ def test_module_entry_point_prints_the_image_path(production, tmp_path, capsys, 
     config.write_text(json.dumps({"model": MODEL}))
     assert main([name, "5", "a handwritten five", str(tmp_path), "--model-config", str(config)]) == 0
     assert capsys.readouterr().out.strip().endswith("_budget5_seed0.png")
+
+
+def test_a_policy_searched_on_other_weights_is_refused_unless_allowed(caplog):
+    from budcache_pipeline.policy import CachePolicy, model_fingerprint
+
+    tiny = load_adapter({"adapter": "flux", "weights": "tiny", "device": "cpu"})
+    size, steps = tiny.tiny_size, 6
+    policy = CachePolicy(
+        mask=[True, False, True, False, True, False],
+        model_name="tiny-flux",
+        model_fingerprint=model_fingerprint(tiny.transformer),
+        sigmas=tiny.default_sigmas(steps, size),
+        model_weights="0123456789abcdef",
+    )
+    with pytest.raises(DeploymentError, match="fused LoRA.*--allow-other-weights"):
+        check_policy(tiny, policy, steps, size)
+    with caplog.at_level("WARNING"):
+        plan = check_policy(tiny, policy, steps, size, allow_other_weights=True)
+    assert plan.policy == policy and "other weights (allowed)" in caplog.text

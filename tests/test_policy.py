@@ -6,9 +6,10 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
 from budcache_pipeline import CachePolicy, PolicyError, load_policy, model_fingerprint
-from budcache_pipeline.policy import policy_schema, uniform_mask
+from budcache_pipeline.policy import policy_schema, uniform_mask, weights_digest
 from tests.conftest import tiny_flux_pipeline, tiny_sd3_transformer
 
 SIGMAS = [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -136,3 +137,34 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_non_finite_provenance_cannot_be_saved():
     with pytest.raises(PolicyError, match="non-finite number nan"):
         CachePolicy(mask=(True,), model_name="m", model_fingerprint="f", provenance={"loss": float("nan")})
+
+
+def test_weights_digest_tells_a_fused_lora_from_its_base_but_not_a_dtype_change():
+    base = tiny_flux_pipeline().transformer
+    digest = weights_digest(base)
+    assert weights_digest(tiny_flux_pipeline().transformer.to(torch.bfloat16)) == digest, "bfloat16 copy, same digest"
+    fused = tiny_flux_pipeline().transformer
+    weight = fused.transformer_blocks[0].attn.to_q.weight
+    with torch.no_grad():
+        low_rank = torch.randn(weight.shape[0], 4) @ torch.randn(4, weight.shape[1])
+        weight += 0.01 * low_rank
+    assert weights_digest(fused) != digest
+    assert weights_digest(tiny_flux_pipeline().transformer) == digest, "same weights, same digest"
+
+
+def test_load_policy_refuses_another_architecture_and_warns_on_other_weights(tmp_path):
+    transformer = tiny_flux_pipeline().transformer
+    policy = CachePolicy(
+        mask=[True, False, True, False],
+        model_name="tiny",
+        model_fingerprint=model_fingerprint(transformer),
+        model_weights=weights_digest(transformer),
+    )
+    path = policy.save(tmp_path / "policy.json")
+    assert load_policy(path, transformer) == policy
+    with pytest.raises(PolicyError, match="fingerprint"):
+        load_policy(path, tiny_sd3_transformer())
+    with torch.no_grad():
+        transformer.proj_out.weight.mul_(1.01)
+    with pytest.warns(UserWarning, match="fine-tune or a fused LoRA"):
+        load_policy(path, transformer)
