@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from budcache_pipeline import benchmarks
-from budcache_pipeline.benchmarks import bench_quality, format_quality_table, quality_prompt_sets
+from budcache_pipeline.benchmarks import bench_quality, format_quality_table
+from budcache_pipeline.models.digits.prompt_sets import benchmark_prompt_sets as quality_prompt_sets
 from budcache_pipeline.console import main
 from tests.conftest import tiny_flux_pipeline
 from tests.fakes import flux_adapter

@@ -208,42 +208,19 @@ QUALITY_BUDGETS = (14, 10, 7, 5)
 QUALITY_STEPS = 28
 ALIGN_MAX_BUDGET_FRACTION = 0.3
 QUALITY_GOALS = {"ratio": 0.60, "multi_over_single": 0.70, "reuse_over_naive": 0.40, "search_seconds": 30.0}
-HOLDOUT_SEED_OFFSET = 100_000
 # Half the library's default SA and HC work: on the default model at 32 calibration pairs it found
 # the same masks as the defaults at every budget (linear forecast), in ~75% of the time.
 QUALITY_SEARCH_OPTIONS = {"sa_iterations": 100, "hc_rounds": 10}
 
 
-def quality_prompt_sets(
+def _default_prompt_sets(
     calibration_size: int, holdout_size: int
 ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
-    """(prompt, digit, seed) triples for calibration and held-out evaluation, disjoint in prompts and seeds.
+    """The default model's bench prompt sets: (prompt, category, seed), disjoint in prompts and seeds."""
+    from budcache_pipeline.models.adapter import adapter_class
+    from budcache_pipeline.models.spec import ModelSpec
 
-    Every wording of every digit is assigned to one side by a hash of its text (the
-    ingest split's rule), digits are balanced round-robin, and seeds come from
-    separate ranges.
-    """
-    from budcache_pipeline.models.digits.captions import all_captions
-    from budcache_pipeline.prompts import holdout_score
-
-    if calibration_size < 1 or holdout_size < 1:
-        raise ValueError(f"both sets need at least one pair, got {calibration_size} and {holdout_size}")
-    sides: dict[str, dict[int, list[str]]] = {"calibration": {}, "holdout": {}}
-    for digit in range(10):
-        for prompt in sorted(set(all_captions(digit)), key=holdout_score):
-            side = "holdout" if holdout_score(prompt) < 0.5 else "calibration"
-            sides[side].setdefault(digit, []).append(prompt)
-    for side, per_digit in sides.items():
-        if len(per_digit) < 10:
-            raise RuntimeError(f"the {side} side lacks wordings for some digits: change the split rule")
-
-    def pairs(side: str, count: int, seed_offset: int) -> list[tuple[str, int, int]]:
-        per_digit = sides[side]
-        return [
-            (per_digit[i % 10][(i // 10) % len(per_digit[i % 10])], i % 10, seed_offset + i) for i in range(count)
-        ]
-
-    return pairs("calibration", calibration_size, 0), pairs("holdout", holdout_size, HOLDOUT_SEED_OFFSET)
+    return adapter_class(ModelSpec().adapter).benchmark_prompt_sets(calibration_size, holdout_size)
 
 
 def _json_number(value: Any) -> Any:
@@ -276,7 +253,7 @@ def bench_quality(
     Calibration pairs feed the reference trajectories, the BudCache search (also run
     on the first pair alone, as the published code calibrates) and every baseline's
     bisection; the table compares all of them on the held-out pairs. `adapter` defaults
-    to the shipped digits model's; image metrics come from its quality plug-in.
+    to the shipped default model; image metrics come from its quality plug-in.
     `forecast` is the searched policies' forecast ("reuse" is the paper's plain reuse).
     """
     import pathlib
@@ -299,13 +276,13 @@ def bench_quality(
     budgets = sorted({int(b) for b in budgets}, reverse=True)
     if not budgets or not all(1 <= b < steps for b in budgets):
         raise ValueError(f"budgets must lie between 1 and steps - 1 = {steps - 1}, got {budgets}")
-    model = "default digits model" if adapter is None else type(adapter.pipe).__name__
+    model = "default model" if adapter is None else type(adapter.pipe).__name__
     baselines = list(baselines) if baselines is not None else [*METHODS, TEACACHE_PUBLISHED]
     if adapter is None:
         from budcache_pipeline.models.spec import load_adapter
 
-        adapter = load_adapter({"adapter": "digits"})
-    calibration_pairs, holdout_pairs = prompt_sets or quality_prompt_sets(calibration_size, holdout_size)
+        adapter = load_adapter({})
+    calibration_pairs, holdout_pairs = prompt_sets or _default_prompt_sets(calibration_size, holdout_size)
     if set(p for p, _, _ in calibration_pairs) & set(p for p, _, _ in holdout_pairs) or set(
         s for _, _, s in calibration_pairs
     ) & set(s for _, _, s in holdout_pairs):
@@ -399,11 +376,7 @@ def bench_quality(
 
     quality = QualityMetrics()
     if image_metrics:
-        quality = adapter.quality_metrics(holdout_ref, [str(d) for _, d, _ in holdout_pairs])
-        if quality.real_images is not None:
-            from budcache_pipeline.models.digits.evaluation import fid_reference_halves
-
-            quality.real_images = fid_reference_halves()[0]
+        quality = adapter.quality_metrics(holdout_ref, [str(c) for _, c, _ in holdout_pairs])
     clock = time.perf_counter()
     finals: dict[tuple[str, int], torch.Tensor] = {}
     table = evaluate_methods(holdout, methods, quality, timing_images=timing_images, collect=finals, progress=progress)

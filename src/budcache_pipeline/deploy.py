@@ -158,7 +158,7 @@ def deploy_and_generate(
     """
     from budcache_pipeline.models.spec import ModelSpec, load_adapter
 
-    spec = ModelSpec.from_params(model or {"adapter": "digits", "steps": 28})
+    spec = ModelSpec.from_params(model or {"steps": 28})
     adapter = load_adapter(spec)
     default_size = adapter.tiny_size if spec.weights == "tiny" else adapter.default_size
     size, steps = spec.size(default_size), spec.steps or 28

@@ -35,16 +35,29 @@ class DigitsAdapter(FluxAdapter):
         """Packed latents -> (B, 1, H, W) images in [0, 1] (pixel space, no VAE)."""
         return self.pipe.decode_latents(latents.to(self.device), size.height, size.width)
 
+    @staticmethod
+    def benchmark_prompt_sets(
+        calibration_size: int, holdout_size: int
+    ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+        """`budcache bench quality`'s (prompt, digit, seed) sets, disjoint in prompts and seeds."""
+        from budcache_pipeline.models.digits.prompt_sets import benchmark_prompt_sets
+
+        return benchmark_prompt_sets(calibration_size, holdout_size)
+
     def quality_metrics(self, reference: Any, categories: Sequence[Any] | None = None) -> Any:
-        """PSNR/SSIM plus FID in the judge's feature space against real held-out digits and judge agreement."""
-        from budcache_pipeline.models.digits.data import holdout_images
+        """PSNR/SSIM, plus FID in the judge's feature space and judge agreement.
+
+        FID's real set is the first stratified half of the held-out real digits, as in the
+        training report (whose real-vs-real FID of the other half is the floor to compare with).
+        """
+        from budcache_pipeline.models.digits.evaluation import fid_reference_halves
         from budcache_pipeline.models.digits.judge import load_default_judge
         from budcache_pipeline.models.digits.quality import prompt_digits
 
         quality = super().quality_metrics(reference, categories)
         judge = load_default_judge()
         quality.features = judge.feature_extractor()
-        quality.real_images = holdout_images()[0]
+        quality.real_images = fid_reference_halves()[0]
         quality.classify = judge.classify
         quality.labels = prompt_digits(categories) if categories is not None else None
         return quality
