@@ -68,6 +68,14 @@ def test_default_tracking_uri_is_sqlite_at_the_project_root(tmp_path, monkeypatc
     assert registry.resolve_tracking_uri() == "http://mlflow.internal:5000"
 
 
+def test_an_explicit_uri_is_also_the_registry(uri, baseline, tmp_path):
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    registered = register(elsewhere, {5: 0.3}, model="elsewhere")
+    assert client(elsewhere).get_registered_model(registered.name).name == registered.name
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
+        client(uri).get_registered_model(registered.name)
+
+
 def test_log_run_records_params_metrics_artifacts_and_policies(uri, tmp_path):
     plot = tmp_path / "pareto.png"
     plot.write_bytes(b"\x89PNG fake")

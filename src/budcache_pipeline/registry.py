@@ -100,10 +100,19 @@ def resolve_tracking_uri(tracking_uri: str | None = None, project_root: str | Pa
     return f"sqlite:///{find_project_root(project_root) / 'mlflow.db'}"
 
 
+def _store_uris(tracking_uri: str | None) -> tuple[str, str]:
+    """Tracking and registry URIs: an explicit URI is both; else `MLFLOW_REGISTRY_URI` may split them.
+
+    MLflow's `set_registry_uri` exports `MLFLOW_REGISTRY_URI` itself, so the variable must
+    not outrank an explicit URI or a process would stay on the first registry it used.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    return uri, tracking_uri or os.environ.get("MLFLOW_REGISTRY_URI") or uri
+
+
 def _client(tracking_uri: str | None) -> MlflowClient:
     """Point MLflow's fluent API and a client at the same tracking and registry store."""
-    uri = resolve_tracking_uri(tracking_uri)
-    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    uri, registry_uri = _store_uris(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
