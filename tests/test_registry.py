@@ -237,7 +237,7 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize(("attack", "differences"), list(ATTACKS.values()), ids=list(ATTACKS))
-def test_pull_refuses_a_version_altered_in_the_artifact_store(
+def test_pull_and_verify_refuse_a_version_altered_in_the_artifact_store(
     uri, tmp_path, monkeypatch, capsys, attack, differences
 ):
     registered = register(uri, {5: 0.3, 8: 0.2, 10: 0.1}, model=f"attack-{attack.__name__}")
@@ -258,6 +258,46 @@ def test_pull_refuses_a_version_altered_in_the_artifact_store(
     assert not out.exists(), "a refused pull writes nothing"
     with pytest.raises(RegistryError, match=re.escape(refusal)):
         registry.pull(registered.name, "candidate", out, allow_unverified=True, tracking_uri=uri)
+    assert main(["verify", "--model", registered.name, "--version", registered.version]) == 1
+    assert capsys.readouterr().out == f"FAILED: {refusal}\n"
+
+
+def test_verify_refuses_altered_model_code(uri, tmp_path):
+    registered = register(uri, {5: 0.3}, model="codeswap")
+    code = model_artifacts(uri, registered.name, registered.version) / "policy_ladder_model.py"
+    code.write_text(code.read_text() + "\nimport os  # whoever loads the pyfunc model runs this file\n")
+    result = registry.verify(registered.name, alias="candidate", tracking_uri=uri)
+    assert not result.ok and result.version == registered.version
+    assert "(modified: ['policy_ladder_model.py'])" in result.message
+    with pytest.raises(RegistryError, match=re.escape("(modified: ['policy_ladder_model.py'])")):
+        registry.pull(registered.name, "candidate", tmp_path, tracking_uri=uri)
+
+
+def test_verify_a_good_version_writes_nothing(uri, baseline, tmp_path, monkeypatch, capsys):
+    registered, _ = baseline
+    store = Path(uri.removeprefix("sqlite:///")).parent
+    before = sha256_tree(store)
+    monkeypatch.chdir(tmp_path)
+    use_registry(monkeypatch, uri)
+    assert main(["verify", "--model", registered.name]) == 0
+    line = capsys.readouterr().out
+    assert line == (
+        f"OK: version {registered.version} of '{registered.name}' (alias production): 9 files match the sha256 "
+        f"digests in the registry database; policies for budgets [5, 10, 14] pass the schema and fingerprint "
+        f"({FINGERPRINT}) checks\n"
+    )
+    by_version = registry.verify(registered.name, version=registered.version, tracking_uri=uri)
+    assert by_version.ok and by_version.message.startswith(f"version {registered.version} of '{registered.name}': ")
+    assert sha256_tree(store) == before and not list(tmp_path.iterdir())
+
+
+def test_verify_of_nothing_fails_without_creating_a_database(uri, tmp_path, monkeypatch, capsys):
+    missing = registry.verify("budcache-nothing-20steps", tracking_uri=uri)
+    assert not missing.ok and missing.message.startswith("no registered model named 'budcache-nothing-20steps'")
+    use_registry(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["verify", "--model", "budcache-digits-20steps", "--alias", "candidate"]) == 1
+    assert capsys.readouterr().out.startswith(f"FAILED: no registry database at {tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_version_without_digests_is_refused_unless_allowed_and_logged(uri, tmp_path, caplog):
@@ -274,6 +314,7 @@ def test_a_version_without_digests_is_refused_unless_allowed_and_logged(uri, tmp
     ):
         registry.pull(registered.name, "candidate", tmp_path / "refused", tracking_uri=uri)
     assert not (tmp_path / "refused").exists()
+    assert not registry.verify(registered.name, alias="candidate", tracking_uri=uri).ok
 
     with caplog.at_level(logging.WARNING, logger="budcache_pipeline.registry"):
         paths = registry.pull(
@@ -293,7 +334,7 @@ def test_a_version_without_digests_is_refused_unless_allowed_and_logged(uri, tmp
     assert accepted, "the flag's risk: without digests, an edit with its SHA256SUMS line gets through (logged)"
 
 
-def test_promoting_a_re_registered_ladder_over_a_legacy_production(uri, tmp_path):
+def test_promoting_a_re_registered_ladder_over_a_legacy_production(uri):
     legacy = register(uri, {5: 0.3, 10: 0.1}, model="reregister")
     strip_digests(uri, legacy)
     with pytest.raises(RegistryError, match="has no file digests"):
@@ -307,7 +348,7 @@ def test_promoting_a_re_registered_ladder_over_a_legacy_production(uri, tmp_path
         again.name, again.version, force=True, reason=reason, allow_unverified=True, tracking_uri=uri
     )
     assert result.promoted and result.comparison["verdict"].tolist() == ["equal", "equal"]
-    assert registry.pull(again.name, "production", tmp_path, tracking_uri=uri)
+    assert registry.verify(again.name, tracking_uri=uri).ok
 
 
 def test_pull_of_a_missing_alias_says_what_to_do(uri, tmp_path):

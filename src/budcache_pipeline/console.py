@@ -110,6 +110,14 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from budcache_pipeline.registry import verify
+
+    result = verify(args.model, alias=args.alias, version=args.version)
+    print(f"{'OK' if result.ok else 'FAILED'}: {result.message}")
+    return 0 if result.ok else 1
+
+
 _UNVERIFIED_HELP = (
     "accept versions registered without file digests in the registry database (logged as a warning); "
     "digests that exist are always checked"
@@ -172,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--steps", type=_positive_int, help="refuse policies made for another number of steps")
     pull.add_argument("--allow-unverified", action="store_true", help=_UNVERIFIED_HELP)
     pull.set_defaults(handler=_pull)
+
+    verify = commands.add_parser(
+        "verify", help="audit a registered version against the registry's digests; writes nothing, exit 0/1"
+    )
+    verify.add_argument("--model", required=True, help="registered model name")
+    which = verify.add_mutually_exclusive_group()
+    which.add_argument("--alias", help="the alias to check (default production)")
+    which.add_argument("--version", help="the version to check")
+    verify.set_defaults(handler=_verify)
     return parser
 
 

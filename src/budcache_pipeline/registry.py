@@ -81,6 +81,16 @@ class RegisteredLadder:
 
 
 @dataclass(frozen=True)
+class VerificationResult:
+    """Outcome of `verify`: whether the version checked out, and one line that says why."""
+
+    name: str
+    version: str | None
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
 class PromotionResult:
     """Outcome of `promote`: whether `production` moved, and the per-budget comparison behind it."""
 
@@ -131,6 +141,13 @@ def _client(tracking_uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
 
 
+def _sqlite_database(uri: str) -> Path | None:
+    """The database file behind an `sqlite:///` URI, None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
+
+
 def _experiment_id(client: MlflowClient, name: str) -> str:
     """Existing experiment, or a new one whose artifacts sit next to an sqlite database.
 
@@ -140,11 +157,8 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    uri = mlflow.get_tracking_uri()
-    location = None
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
-        location = (database.parent / "mlartifacts" / name).as_uri()
+    database = _sqlite_database(mlflow.get_tracking_uri())
+    location = (database.parent / "mlartifacts" / name).as_uri() if database is not None else None
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -314,8 +328,8 @@ def register_ladder(
     The version is a pyfunc model logged from code into `run_id` (or a new run) with the
     policy JSONs and checksums as artifacts, tagged with the code version, the DVC data
     hash, the model fingerprint, the steps, each budget's held-out loss and the sha256 of
-    every file of the model (`sha256.<path>`, also set on the run): the digests that pull
-    and promote trust, because they live in the database rather than beside the files.
+    every file of the model (`sha256.<path>`, also set on the run): the digests pull,
+    promote and verify trust, because they live in the database rather than beside the files.
     """
     _check_ladder(policies)
     client = _client(tracking_uri)
@@ -657,3 +671,48 @@ def pull(
             written.append(target)
         (out_dir / CHECKSUMS_FILE).write_bytes((source / CHECKSUMS_FILE).read_bytes())
     return written
+
+
+def verify(
+    model_name: str,
+    *,
+    alias: str | None = None,
+    version: str | int | None = None,
+    tracking_uri: str | None = None,
+) -> VerificationResult:
+    """Check a registered version end to end without writing anything, for an audit job.
+
+    The same checks as `pull`: every file of the model (the ladder, the model code MLflow
+    would run, MLmodel) against the registry database's digests, then `SHA256SUMS`, the
+    policy schema and the fingerprint tag. `alias` defaults to `production` when no
+    `version` is given. Failures, versions without digests included, come back as
+    `ok=False` with a one-line message; an sqlite database that does not exist is not created.
+    """
+    if alias is not None and version is not None:
+        raise RegistryError("give an alias or a version to verify, not both")
+    if alias is None and version is None:
+        alias = PRODUCTION_ALIAS
+    for uri in _store_uris(tracking_uri):
+        database = _sqlite_database(uri)
+        if database is not None and not database.is_file():
+            message = f"no registry database at {database}: point MLFLOW_TRACKING_URI at the registry to verify"
+            return VerificationResult(model_name, None, False, message)
+    found = None
+    try:
+        client = _client(tracking_uri)
+        model_version = _version(client, model_name, version=None if version is None else str(version), alias=alias)
+        found = str(model_version.version)
+        with tempfile.TemporaryDirectory() as staging:
+            _, ladder = _download_ladder(client, model_version, Path(staging))
+        files = len(_recorded_digests(model_version))
+    except (RegistryError, MlflowException) as exc:
+        return VerificationResult(model_name, found, False, " ".join(str(exc).split()))
+    where = f" (alias {alias})" if alias is not None else ""
+    fingerprint = model_version.tags.get("model_fingerprint")
+    return VerificationResult(
+        model_name,
+        found,
+        True,
+        f"version {found} of '{model_name}'{where}: {files} files match the sha256 digests in the registry "
+        f"database; policies for budgets {sorted(ladder)} pass the schema and fingerprint ({fingerprint}) checks",
+    )
