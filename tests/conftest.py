@@ -1,8 +1,12 @@
-"""Tiny diffusers models with random weights, built from configs: no downloads, fp32, CPU."""
+"""Tiny diffusers models with random weights, built from configs: no downloads, fp32, CPU; and
+the edits an attacker with write access to a local artifact store makes to a registered ladder."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -88,6 +92,34 @@ def tiny_sd3_transformer(seed: int = 0):
         pooled_projection_dim=16,
         out_channels=4,
     ).eval()
+
+
+def model_artifacts(uri: str, name: str, version: str) -> Path:
+    """The folder of a registered version in the local artifact store, where an attacker edits it."""
+    from mlflow import MlflowClient
+
+    return Path(urlparse(MlflowClient(uri, uri).get_model_version_download_uri(name, version)).path)
+
+
+def move_compute_step(path: Path) -> None:
+    """Move a policy's last compute step to its last cached step: still a valid, canonical policy at the
+    same budget, so only a digest can tell."""
+    from budcache_pipeline.policy import CachePolicy
+
+    data = json.loads(path.read_text())
+    mask = data["mask"]
+    computed = max(i for i, m in enumerate(mask) if m and i > 0)
+    cached = max(i for i, m in enumerate(mask) if not m)
+    mask[computed], mask[cached] = False, True
+    path.write_text(CachePolicy.from_dict(data).to_json())
+
+
+def rewrite_checksums(ladder: Path) -> None:
+    """Recompute `SHA256SUMS` for the policies now in `ladder`, as an attacker does after editing them."""
+    from budcache_pipeline.policy_ladder_model import CHECKSUMS_FILE, checksums_text
+
+    files = {p.name: p.read_bytes() for p in ladder.glob("budget_*.json")}
+    (ladder / CHECKSUMS_FILE).write_text(checksums_text(files))
 
 
 @pytest.fixture

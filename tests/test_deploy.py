@@ -1,6 +1,7 @@
 """The deployment example: pull the production ladder, pick, check against the model, enable, generate."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from budcache_pipeline.deploy import DeploymentError, check_policy, deploy_and_g
 from budcache_pipeline.models.adapter import Size
 from budcache_pipeline.models.spec import load_adapter
 from budcache_pipeline.policy import load_policy
-from budcache_pipeline.registry import RegistryError, promote
+from budcache_pipeline.registry import RegistryError, promote, register_ladder
+from tests.conftest import model_artifacts, move_compute_step, rewrite_checksums
 from tests.reduced_project import environment
 
 STEPS = 10
@@ -61,6 +63,29 @@ def test_deploy_refuses_an_alias_that_does_not_exist(production, tmp_path):
     name, uri = production
     with pytest.raises(RegistryError, match="no alias 'canary'"):
         deploy_and_generate(name, 5, "a", tmp_path, alias="canary", tracking_uri=uri, model=MODEL)
+
+
+def test_deploy_refuses_a_production_ladder_altered_in_the_artifact_store(reduced_run, tmp_path, monkeypatch):
+    """Issue 17's attack on the deployment job: a policy and its SHA256SUMS line rewritten in the store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(key, uri)  # MLflow exports the URIs it is given: restore the reduced run's afterwards
+    policies = [load_policy(p) for p in sorted((reduced_run / "data" / "06_models" / "policies").glob("budget_*.json"))]
+    registered = register_ladder(
+        {p.budget: p for p in policies}, code_version="test", data_hash="md5:test", tracking_uri=uri
+    )
+    promote(registered.name, registered.version, tracking_uri=uri)
+    ladder_dir = model_artifacts(uri, registered.name, registered.version) / "artifacts" / "ladder"
+    move_compute_step(ladder_dir / "budget_5.json")
+    rewrite_checksums(ladder_dir)
+    refusal = (
+        f"version {registered.version} of '{registered.name}' failed verification: its files in the artifact store "
+        "do not match the sha256 digests in the registry database "
+        "(modified: ['artifacts/ladder/SHA256SUMS', 'artifacts/ladder/budget_5.json'])"
+    )
+    with pytest.raises(RegistryError, match=re.escape(refusal)):
+        deploy_and_generate(registered.name, 5, "a", tmp_path / "out", tracking_uri=uri, model=MODEL)
+    assert not (tmp_path / "out" / "policies").exists()
 
 
 def test_check_policy_refuses_a_schedule_the_scheduler_cannot_run(reduced_run, adapter):

@@ -1,4 +1,7 @@
+import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -8,8 +11,10 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 from budcache_pipeline import registry  # noqa: E402
+from budcache_pipeline.console import main  # noqa: E402
 from budcache_pipeline.policy import CachePolicy  # noqa: E402
 from budcache_pipeline.registry import RegistryError  # noqa: E402
+from tests.conftest import model_artifacts, move_compute_step, rewrite_checksums  # noqa: E402
 
 STEPS = 20
 FINGERPRINT = "0123456789abcdef"
@@ -54,6 +59,31 @@ def client(uri):
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def sha256_tree(directory: Path) -> dict[str, str]:
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.rglob("*")
+        if p.is_file()
+    }
+
+
+def digest_tags(tags: dict[str, str]) -> dict[str, str]:
+    return {k.removeprefix("sha256."): v for k, v in tags.items() if k.startswith("sha256.")}
+
+
+def use_registry(monkeypatch, uri) -> None:
+    """Point the `budcache` command at `uri`; MLflow exports both variables whenever a URI is set."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+
+
+def strip_digests(uri, registered) -> None:
+    """Make a version look registered before the registry recorded file digests."""
+    for key in client(uri).get_model_version(registered.name, registered.version).tags:
+        if key.startswith(registry.DIGEST_TAG_PREFIX):
+            client(uri).delete_model_version_tag(registered.name, registered.version, key)
+
+
 def test_registered_model_is_named_after_model_and_steps():
     assert registry.registered_model_name("FLUX.1 dev", 28) == "budcache-flux.1-dev-28steps"
 
@@ -66,6 +96,14 @@ def test_default_tracking_uri_is_sqlite_at_the_project_root(tmp_path, monkeypatc
     assert registry.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert registry.resolve_tracking_uri() == "http://mlflow.internal:5000"
+
+
+def test_an_explicit_uri_is_also_the_registry(uri, baseline, tmp_path):
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    registered = register(elsewhere, {5: 0.3}, model="elsewhere")
+    assert client(elsewhere).get_registered_model(registered.name).name == registered.name
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
+        client(uri).get_registered_model(registered.name)
 
 
 def test_log_run_records_params_metrics_artifacts_and_policies(uri, tmp_path):
@@ -101,6 +139,16 @@ def test_registration_tags_the_version_and_sets_candidate(uri, baseline):
     assert client(uri).get_model_version_by_alias(registered.name, "candidate").version == int(registered.version)
 
 
+def test_registration_records_every_file_digest_in_the_database_and_the_run(uri, baseline):
+    registered, _ = baseline
+    recorded = digest_tags(client(uri).get_model_version(registered.name, registered.version).tags)
+    stored = sha256_tree(model_artifacts(uri, registered.name, registered.version))
+    stored.pop("registered_model_meta", None)  # MLflow writes it into a local store when the model is loaded
+    assert recorded == stored
+    assert {"artifacts/ladder/SHA256SUMS", "artifacts/ladder/budget_10.json", "policy_ladder_model.py"} <= set(recorded)
+    assert digest_tags(client(uri).get_run(registered.run_id).data.tags) == recorded
+
+
 def test_registered_model_is_code_and_json_without_pickle(uri, baseline, tmp_path):
     registered, _ = baseline
     source = client(uri).get_model_version_download_uri(registered.name, registered.version)
@@ -130,6 +178,8 @@ def test_pull_round_trip_is_byte_identical(uri, baseline, tmp_path):
     assert [p.name for p in paths] == ["budget_5.json", "budget_10.json", "budget_14.json"]
     for path in paths:
         assert path.read_bytes() == policies[int(path.stem.split("_")[1])].to_json().encode()
+    store = model_artifacts(uri, registered.name, registered.version) / "artifacts" / "ladder"
+    assert sha256_tree(tmp_path) == sha256_tree(store)
     assert not (tmp_path / "budget_99.json").exists()
     assert registry.load_ladder(tmp_path) == policies
 
@@ -148,13 +198,157 @@ def test_pull_refuses_another_model(uri, baseline, tmp_path, kwargs, match):
     assert not (tmp_path / "out").exists(), "a refused pull writes nothing"
 
 
-def test_pull_refuses_a_tampered_policy(uri, tmp_path):
-    registered = register(uri, {5: 0.3, 10: 0.1}, model="tampered")
-    source = Path(urlparse(client(uri).get_model_version_download_uri(registered.name, registered.version)).path)
-    policy_file = source / "artifacts" / "ladder" / "budget_10.json"
-    policy_file.write_text(policy_file.read_text().replace("false", "true", 1))
-    with pytest.raises(RegistryError, match="budget_10.json does not match its sha256"):
+def edit_policy_and_checksums(ladder_dir: Path) -> None:
+    """The attack of issue 17: one compute step of budget_8.json moved, its SHA256SUMS line recomputed."""
+    move_compute_step(ladder_dir / "budget_8.json")
+    rewrite_checksums(ladder_dir)
+
+
+def edit_policy_alone(ladder_dir: Path) -> None:
+    move_compute_step(ladder_dir / "budget_8.json")
+
+
+def add_listed_policy(ladder_dir: Path) -> None:
+    """A budget the version never had, with a tempting held-out loss, listed in SHA256SUMS."""
+    (ladder_dir / "budget_7.json").write_text(ladder({7: 0.001})[7].to_json())
+    rewrite_checksums(ladder_dir)
+
+
+def remove_listed_policy(ladder_dir: Path) -> None:
+    (ladder_dir / "budget_5.json").unlink()
+    rewrite_checksums(ladder_dir)
+
+
+ATTACKS = {
+    "policy and SHA256SUMS edited": (
+        edit_policy_and_checksums,
+        "modified: ['artifacts/ladder/SHA256SUMS', 'artifacts/ladder/budget_8.json']",
+    ),
+    "policy edited alone": (edit_policy_alone, "modified: ['artifacts/ladder/budget_8.json']"),
+    "policy added and listed": (
+        add_listed_policy,
+        "modified: ['artifacts/ladder/SHA256SUMS']; added: ['artifacts/ladder/budget_7.json']",
+    ),
+    "policy removed and unlisted": (
+        remove_listed_policy,
+        "modified: ['artifacts/ladder/SHA256SUMS']; removed: ['artifacts/ladder/budget_5.json']",
+    ),
+}
+
+
+@pytest.mark.parametrize(("attack", "differences"), list(ATTACKS.values()), ids=list(ATTACKS))
+def test_pull_and_verify_refuse_a_version_altered_in_the_artifact_store(
+    uri, tmp_path, monkeypatch, capsys, attack, differences
+):
+    registered = register(uri, {5: 0.3, 8: 0.2, 10: 0.1}, model=f"attack-{attack.__name__}")
+    ladder_dir = model_artifacts(uri, registered.name, registered.version) / "artifacts" / "ladder"
+    attack(ladder_dir)
+    if "SHA256SUMS" in differences:
+        registry.load_ladder(ladder_dir)  # the files agree with the SHA256SUMS beside them: only the database knows
+    refusal = (
+        f"version {registered.version} of '{registered.name}' failed verification: its files in the artifact store "
+        f"do not match the sha256 digests in the registry database ({differences}): do not deploy it; restore the "
+        "files from a trusted copy or register the ladder again"
+    )
+    use_registry(monkeypatch, uri)
+    capsys.readouterr()
+    out = tmp_path / "deployment"
+    assert main(["pull", "--model", registered.name, "--alias", "candidate", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"budcache pull: error: {refusal}\n"
+    assert not out.exists(), "a refused pull writes nothing"
+    with pytest.raises(RegistryError, match=re.escape(refusal)):
+        registry.pull(registered.name, "candidate", out, allow_unverified=True, tracking_uri=uri)
+    assert main(["verify", "--model", registered.name, "--version", registered.version]) == 1
+    assert capsys.readouterr().out == f"FAILED: {refusal}\n"
+
+
+def test_verify_refuses_altered_model_code(uri, tmp_path):
+    registered = register(uri, {5: 0.3}, model="codeswap")
+    code = model_artifacts(uri, registered.name, registered.version) / "policy_ladder_model.py"
+    code.write_text(code.read_text() + "\nimport os  # whoever loads the pyfunc model runs this file\n")
+    result = registry.verify(registered.name, alias="candidate", tracking_uri=uri)
+    assert not result.ok and result.version == registered.version
+    assert "(modified: ['policy_ladder_model.py'])" in result.message
+    with pytest.raises(RegistryError, match=re.escape("(modified: ['policy_ladder_model.py'])")):
         registry.pull(registered.name, "candidate", tmp_path, tracking_uri=uri)
+
+
+def test_verify_a_good_version_writes_nothing(uri, baseline, tmp_path, monkeypatch, capsys):
+    registered, _ = baseline
+    store = Path(uri.removeprefix("sqlite:///")).parent
+    before = sha256_tree(store)
+    monkeypatch.chdir(tmp_path)
+    use_registry(monkeypatch, uri)
+    assert main(["verify", "--model", registered.name]) == 0
+    line = capsys.readouterr().out
+    assert line == (
+        f"OK: version {registered.version} of '{registered.name}' (alias production): 9 files match the sha256 "
+        f"digests in the registry database; policies for budgets [5, 10, 14] pass the schema and fingerprint "
+        f"({FINGERPRINT}) checks\n"
+    )
+    by_version = registry.verify(registered.name, version=registered.version, tracking_uri=uri)
+    assert by_version.ok and by_version.message.startswith(f"version {registered.version} of '{registered.name}': ")
+    assert sha256_tree(store) == before and not list(tmp_path.iterdir())
+
+
+def test_verify_of_nothing_fails_without_creating_a_database(uri, tmp_path, monkeypatch, capsys):
+    missing = registry.verify("budcache-nothing-20steps", tracking_uri=uri)
+    assert not missing.ok and missing.message.startswith("no registered model named 'budcache-nothing-20steps'")
+    use_registry(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["verify", "--model", "budcache-digits-20steps", "--alias", "candidate"]) == 1
+    assert capsys.readouterr().out.startswith(f"FAILED: no registry database at {tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_version_without_digests_is_refused_unless_allowed_and_logged(uri, tmp_path, caplog):
+    registered = register(uri, {5: 0.3, 10: 0.1}, model="legacy")
+    strip_digests(uri, registered)
+    label = f"version {registered.version} of '{registered.name}'"
+    with pytest.raises(
+        RegistryError,
+        match=re.escape(
+            f"{label} has no file digests in the registry database (it was registered before budcache recorded "
+            "them), so tampering with its artifacts cannot be detected: re-register its ladder "
+            "(`kedro run --pipelines register`) and promote the new version, or pass --allow-unverified"
+        ),
+    ):
+        registry.pull(registered.name, "candidate", tmp_path / "refused", tracking_uri=uri)
+    assert not (tmp_path / "refused").exists()
+    assert not registry.verify(registered.name, alias="candidate", tracking_uri=uri).ok
+
+    with caplog.at_level(logging.WARNING, logger="budcache_pipeline.registry"):
+        paths = registry.pull(
+            registered.name, "candidate", tmp_path / "accepted", allow_unverified=True, tracking_uri=uri
+        )
+    assert [p.name for p in paths] == ["budget_5.json", "budget_10.json"]
+    assert f"{label} has no file digests in the registry database: accepted unverified" in caplog.text
+
+    ladder_dir = model_artifacts(uri, registered.name, registered.version) / "artifacts" / "ladder"
+    move_compute_step(ladder_dir / "budget_10.json")
+    with pytest.raises(RegistryError, match="budget_10.json does not match its sha256 in SHA256SUMS"):
+        registry.pull(registered.name, "candidate", tmp_path / "edited", allow_unverified=True, tracking_uri=uri)
+    rewrite_checksums(ladder_dir)
+    accepted = registry.pull(
+        registered.name, "candidate", tmp_path / "attacked", allow_unverified=True, tracking_uri=uri
+    )
+    assert accepted, "the flag's risk: without digests, an edit with its SHA256SUMS line gets through (logged)"
+
+
+def test_promoting_a_re_registered_ladder_over_a_legacy_production(uri):
+    legacy = register(uri, {5: 0.3, 10: 0.1}, model="reregister")
+    strip_digests(uri, legacy)
+    with pytest.raises(RegistryError, match="has no file digests"):
+        registry.promote(legacy.name, legacy.version, tracking_uri=uri)
+    assert registry.promote(legacy.name, legacy.version, allow_unverified=True, tracking_uri=uri).promoted
+    again = register(uri, {5: 0.3, 10: 0.1}, model="reregister")
+    with pytest.raises(RegistryError, match=f"version {legacy.version} of '{legacy.name}' has no file digests"):
+        registry.promote(again.name, again.version, force=True, reason="re-registered with digests", tracking_uri=uri)
+    reason = "re-registered with digests"
+    result = registry.promote(
+        again.name, again.version, force=True, reason=reason, allow_unverified=True, tracking_uri=uri
+    )
+    assert result.promoted and result.comparison["verdict"].tolist() == ["equal", "equal"]
+    assert registry.verify(again.name, tracking_uri=uri).ok
 
 
 def test_pull_of_a_missing_alias_says_what_to_do(uri, tmp_path):

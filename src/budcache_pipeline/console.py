@@ -96,7 +96,9 @@ def _train_default_model(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from budcache_pipeline.registry import format_promotion, promote
 
-    result = promote(args.model, args.version, force=args.force, reason=args.reason)
+    result = promote(
+        args.model, args.version, force=args.force, reason=args.reason, allow_unverified=args.allow_unverified
+    )
     print(format_promotion(result))
     return 0 if result.promoted else 1
 
@@ -104,9 +106,31 @@ def _promote(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from budcache_pipeline.registry import pull
 
-    for path in pull(args.model, args.alias, args.out, expect_fingerprint=args.fingerprint, expect_steps=args.steps):
+    paths = pull(
+        args.model,
+        args.alias,
+        args.out,
+        expect_fingerprint=args.fingerprint,
+        expect_steps=args.steps,
+        allow_unverified=args.allow_unverified,
+    )
+    for path in paths:
         print(path)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from budcache_pipeline.registry import verify
+
+    result = verify(args.model, alias=args.alias, version=args.version)
+    print(f"{'OK' if result.ok else 'FAILED'}: {result.message}")
+    return 0 if result.ok else 1
+
+
+_UNVERIFIED_HELP = (
+    "accept versions registered without file digests in the registry database (logged as a warning); "
+    "digests that exist are always checked"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", required=True)
     promote.add_argument("--force", action="store_true", help="promote even if the gate fails (needs --reason)")
     promote.add_argument("--reason", help="why a forced promotion is right; recorded as a tag")
+    promote.add_argument("--allow-unverified", action="store_true", help=_UNVERIFIED_HELP)
     promote.set_defaults(handler=_promote)
 
     pull = commands.add_parser("pull", help="write a registered policy ladder to a folder, verified")
@@ -173,7 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--out", required=True)
     pull.add_argument("--fingerprint", help="refuse policies made for another model fingerprint")
     pull.add_argument("--steps", type=_positive_int, help="refuse policies made for another number of steps")
+    pull.add_argument("--allow-unverified", action="store_true", help=_UNVERIFIED_HELP)
     pull.set_defaults(handler=_pull)
+
+    verify = commands.add_parser(
+        "verify", help="audit a registered version against the registry's digests; writes nothing, exit 0/1"
+    )
+    verify.add_argument("--model", required=True, help="registered model name")
+    which = verify.add_mutually_exclusive_group()
+    which.add_argument("--alias", help="the alias to check (default production)")
+    which.add_argument("--version", help="the version to check")
+    verify.set_defaults(handler=_verify)
     return parser
 
 

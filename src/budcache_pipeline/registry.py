@@ -7,12 +7,19 @@ their sha256 checksums, so a deployment can fetch and verify plain JSON and noth
 is ever unpickled. Aliases carry the lifecycle: `candidate` on registration,
 `production` only through the quality gate in `promote`.
 
+The `SHA256SUMS` beside the policies only catches accidents: whoever can write the
+artifact store can rewrite it too. So registration also records the sha256 of every
+file of the version in the registry database (version tags `sha256.<path>`, and the
+same tags on the run), and every download is checked against those digests first.
+
 Tracking and registry default to an sqlite database at the project root, because
 MLflow 3 refuses the plain file store; `MLFLOW_TRACKING_URI` points both at a server.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
 import re
@@ -27,9 +34,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.models_artifact_repo import REGISTERED_MODEL_META_FILE_NAME
 
 from budcache_pipeline import __version__
 from budcache_pipeline.policy import CachePolicy, PolicyError, load_policy
@@ -49,8 +57,13 @@ CANDIDATE_ALIAS = "candidate"
 PRODUCTION_ALIAS = "production"
 MODEL_ARTIFACT = "policy_ladder"
 POLICIES_ARTIFACT = "policies"
+DIGEST_TAG_PREFIX = "sha256."
 _PARAMS_PER_BATCH = 100
 _MODEL_CODE = Path(__file__).with_name("policy_ladder_model.py")
+_LADDER_PATH = f"artifacts/{LADDER_ARTIFACT}"
+"""Where MLflow keeps the ladder inside a logged pyfunc model."""
+
+logger = logging.getLogger(__name__)
 
 
 class RegistryError(ValueError):
@@ -65,6 +78,16 @@ class RegisteredLadder:
     version: str
     run_id: str
     model_uri: str
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """Outcome of `verify`: whether the version checked out, and one line that says why."""
+
+    name: str
+    version: str | None
+    ok: bool
+    message: str
 
 
 @dataclass(frozen=True)
@@ -100,13 +123,29 @@ def resolve_tracking_uri(tracking_uri: str | None = None, project_root: str | Pa
     return f"sqlite:///{find_project_root(project_root) / 'mlflow.db'}"
 
 
+def _store_uris(tracking_uri: str | None) -> tuple[str, str]:
+    """Tracking and registry URIs: an explicit URI is both; else `MLFLOW_REGISTRY_URI` may split them.
+
+    MLflow's `set_registry_uri` exports `MLFLOW_REGISTRY_URI` itself, so the variable must
+    not outrank an explicit URI or a process would stay on the first registry it used.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    return uri, tracking_uri or os.environ.get("MLFLOW_REGISTRY_URI") or uri
+
+
 def _client(tracking_uri: str | None) -> MlflowClient:
     """Point MLflow's fluent API and a client at the same tracking and registry store."""
-    uri = resolve_tracking_uri(tracking_uri)
-    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    uri, registry_uri = _store_uris(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+
+
+def _sqlite_database(uri: str) -> Path | None:
+    """The database file behind an `sqlite:///` URI, None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -118,11 +157,8 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    uri = mlflow.get_tracking_uri()
-    location = None
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
-        location = (database.parent / "mlartifacts" / name).as_uri()
+    database = _sqlite_database(mlflow.get_tracking_uri())
+    location = (database.parent / "mlartifacts" / name).as_uri() if database is not None else None
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -291,7 +327,9 @@ def register_ladder(
 
     The version is a pyfunc model logged from code into `run_id` (or a new run) with the
     policy JSONs and checksums as artifacts, tagged with the code version, the DVC data
-    hash, the model fingerprint, the steps and each budget's held-out loss.
+    hash, the model fingerprint, the steps, each budget's held-out loss and the sha256 of
+    every file of the model (`sha256.<path>`, also set on the run): the digests pull,
+    promote and verify trust, because they live in the database rather than beside the files.
     """
     _check_ladder(policies)
     client = _client(tracking_uri)
@@ -309,6 +347,9 @@ def register_ladder(
                 artifacts={LADDER_ARTIFACT: str(ladder_dir)},
                 pip_requirements=[f"mlflow=={mlflow.__version__}", f"pandas=={pd.__version__}"],
             )
+        digests = _model_digests(client, info.model_id, ladder_dir, Path(staging) / "stored")
+    digest_tags = {f"{DIGEST_TAG_PREFIX}{path}": digest for path, digest in sorted(digests.items())}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in digest_tags.items()])
     try:
         client.get_registered_model(name)
     except MlflowException as exc:
@@ -327,10 +368,39 @@ def register_ladder(
         "steps": str(first.steps),
         "budgets": ",".join(str(b) for b in sorted(policies)),
         **{f"holdout_mse.budget_{b}": repr(holdout_loss(p.to_dict())) for b, p in sorted(policies.items())},
+        **digest_tags,
     }
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
     return RegisteredLadder(name=name, version=str(version.version), run_id=run_id, model_uri=info.model_uri)
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, keyed by its POSIX path relative to it.
+
+    Leaves out `registered_model_meta` (the registered name and version): MLflow writes it
+    into a version's folder of a local artifact store whenever the model is loaded by its
+    `models:/` URI, and nothing budcache does reads it.
+    """
+    return {
+        path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.relative_to(directory).as_posix() != REGISTERED_MODEL_META_FILE_NAME
+    }
+
+
+def _model_digests(client: MlflowClient, model_id: str, ladder_dir: Path, directory: Path) -> dict[str, str]:
+    """Digests to record for a logged model, keyed by path inside it.
+
+    The ladder's come from the bytes this process wrote, so a file changed on its way
+    into the store fails verification later; the files MLflow wrote itself (MLmodel,
+    environment, model code) are known only as the store holds them.
+    """
+    location = client.get_logged_model(model_id).artifact_location
+    stored = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(directory)))
+    digests = {path: d for path, d in _file_digests(stored).items() if not path.startswith(f"{_LADDER_PATH}/")}
+    digests.update({f"{_LADDER_PATH}/{path}": d for path, d in _file_digests(ladder_dir).items()})
+    return digests
 
 
 def _not_found(exc: MlflowException) -> bool:
@@ -357,15 +427,69 @@ def _version(client: MlflowClient, name: str, version: str | None = None, alias:
         raise RegistryError(f"registered model '{name}' has no {what}: {hint}") from exc
 
 
-def _download_ladder(client: MlflowClient, model_version: ModelVersion, directory: Path) -> dict[int, CachePolicy]:
-    """Fetch a version's policy files (plain files, never the model object) and verify them."""
-    source = client.get_model_version_download_uri(model_version.name, model_version.version)
-    mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{source.rstrip('/')}/artifacts/{LADDER_ARTIFACT}", dst_path=str(directory)
-    )
+def _recorded_digests(model_version: ModelVersion) -> dict[str, str]:
+    """The sha256 digests the registry database holds for a version's files, by path in the model."""
+    return {
+        key.removeprefix(DIGEST_TAG_PREFIX): value
+        for key, value in model_version.tags.items()
+        if key.startswith(DIGEST_TAG_PREFIX)
+    }
+
+
+def _check_digests(found: Mapping[str, str], recorded: Mapping[str, str], label: str) -> None:
+    """Refuse unless the downloaded files are exactly the recorded ones, byte for byte."""
+    differences = {
+        "modified": sorted(path for path in found.keys() & recorded.keys() if found[path] != recorded[path]),
+        "added": sorted(found.keys() - recorded.keys()),
+        "removed": sorted(recorded.keys() - found.keys()),
+    }
+    problems = "; ".join(f"{kind}: {paths}" for kind, paths in differences.items() if paths)
+    if problems:
+        raise RegistryError(
+            f"{label} failed verification: its files in the artifact store do not match the sha256 digests in the "
+            f"registry database ({problems}): do not deploy it; restore the files from a trusted copy or register "
+            "the ladder again"
+        )
+
+
+def _download_ladder(
+    client: MlflowClient, model_version: ModelVersion, directory: Path, *, allow_unverified: bool = False
+) -> tuple[Path, dict[int, CachePolicy]]:
+    """Fetch a version's files into `directory` and verify them; returns the ladder folder and policies.
+
+    Files are read as plain bytes, the model is never loaded. Every file of the model is
+    checked against the registry database's digests first, because `SHA256SUMS` can be
+    rewritten by whoever alters the files, and a version with any altered file (its model
+    code too) is compromised; then `SHA256SUMS`, the schema and the fingerprint tag. A
+    version without digests is refused unless `allow_unverified`, which logs a warning.
+    """
     label = f"version {model_version.version} of '{model_version.name}'"
+    recorded = _recorded_digests(model_version)
+    if not recorded and not allow_unverified:
+        raise RegistryError(
+            f"{label} has no file digests in the registry database (it was registered before budcache recorded "
+            "them), so tampering with its artifacts cannot be detected: re-register its ladder "
+            "(`kedro run --pipelines register`) and promote the new version, or pass --allow-unverified to "
+            "`budcache pull` or `budcache promote` to accept it unverified (logged as a warning)"
+        )
+    if not recorded:
+        logger.warning(
+            "%s has no file digests in the registry database: accepted unverified (--allow-unverified); its files "
+            "are checked only against the SHA256SUMS beside them, which does not detect tampering",
+            label,
+        )
+    source = client.get_model_version_download_uri(model_version.name, model_version.version)
     try:
-        ladder = load_ladder(directory / LADDER_ARTIFACT)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(directory)))
+    except MlflowException as exc:
+        raise RegistryError(
+            f"{label}: its files could not be downloaded from the artifact store ({' '.join(str(exc).split())})"
+        ) from exc
+    if recorded:
+        _check_digests(_file_digests(local), recorded, label)
+    ladder_dir = local / _LADDER_PATH
+    try:
+        ladder = load_ladder(ladder_dir)
     except RegistryError as exc:
         raise RegistryError(f"{label} failed verification: {exc}") from exc
     fingerprint = model_version.tags.get("model_fingerprint")
@@ -375,7 +499,7 @@ def _download_ladder(client: MlflowClient, model_version: ModelVersion, director
                 f"{label}: policy for budget {policy.budget} has fingerprint {policy.model_fingerprint}, "
                 f"the version is tagged {fingerprint}: the registry entry was altered"
             )
-    return ladder
+    return ladder_dir, ladder
 
 
 def _loss_table(candidate: Mapping[int, CachePolicy], production: Mapping[int, CachePolicy] | None) -> pd.DataFrame:
@@ -425,11 +549,13 @@ def promote(
     force: bool = False,
     reason: str | None = None,
     tracking_uri: str | None = None,
+    allow_unverified: bool = False,
 ) -> PromotionResult:
     """Move alias `production` to `version` if its held-out loss beats production's at every
     shared budget (a first promotion always passes); `force` needs a `reason`, kept as a tag.
 
-    The comparison table is returned either way so the operator sees why.
+    Both ladders are verified as `pull` does; `allow_unverified` accepts versions registered
+    without digests (logged). The comparison table is returned either way so the operator sees why.
     """
     reason = reason.strip() if force and reason else None
     if force and not reason:
@@ -438,8 +564,12 @@ def promote(
     target = _version(client, model_name, version=str(version))
     current = _current_production(client, model_name)
     with tempfile.TemporaryDirectory() as staging:
-        candidate = _download_ladder(client, target, Path(staging) / "candidate")
-        production = _download_ladder(client, current, Path(staging) / "production") if current else None
+        _, candidate = _download_ladder(client, target, Path(staging) / "candidate", allow_unverified=allow_unverified)
+        production = None
+        if current:
+            _, production = _download_ladder(
+                client, current, Path(staging) / "production", allow_unverified=allow_unverified
+            )
     table = _loss_table(candidate, production)
     previous = str(current.version) if current else None
 
@@ -502,10 +632,13 @@ def pull(
     expect_fingerprint: str | None = None,
     expect_steps: int | None = None,
     tracking_uri: str | None = None,
+    allow_unverified: bool = False,
 ) -> list[Path]:
     """Write the ladder behind `models:/<model_name>@<alias>` into `out_dir` after verifying it.
 
-    Checks checksums and schema, and refuses policies made for another model
+    Checks every file against the sha256 digests in the registry database (a version
+    registered without them is refused unless `allow_unverified`, which logs a warning),
+    then checksums and schema, and refuses policies made for another model
     (`expect_fingerprint`) or another number of steps (`expect_steps`). Nothing is written
     unless every check passes; the directory then holds exactly that ladder (older
     `budget_*.json` files are removed) and its `SHA256SUMS`. Returns the policy paths
@@ -514,7 +647,7 @@ def pull(
     client = _client(tracking_uri)
     model_version = _version(client, model_name, alias=alias)
     with tempfile.TemporaryDirectory() as staging:
-        ladder = _download_ladder(client, model_version, Path(staging))
+        source, ladder = _download_ladder(client, model_version, Path(staging), allow_unverified=allow_unverified)
         label = f"'{model_name}'@{alias} (version {model_version.version})"
         for budget, policy in sorted(ladder.items()):
             if expect_fingerprint is not None and policy.model_fingerprint != expect_fingerprint:
@@ -531,7 +664,6 @@ def pull(
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob("budget_*.json"):
             stale.unlink()
-        source = Path(staging) / LADDER_ARTIFACT
         written = []
         for budget in sorted(ladder):
             target = out_dir / policy_file_name(budget)
@@ -539,3 +671,48 @@ def pull(
             written.append(target)
         (out_dir / CHECKSUMS_FILE).write_bytes((source / CHECKSUMS_FILE).read_bytes())
     return written
+
+
+def verify(
+    model_name: str,
+    *,
+    alias: str | None = None,
+    version: str | int | None = None,
+    tracking_uri: str | None = None,
+) -> VerificationResult:
+    """Check a registered version end to end without writing anything, for an audit job.
+
+    The same checks as `pull`: every file of the model (the ladder, the model code MLflow
+    would run, MLmodel) against the registry database's digests, then `SHA256SUMS`, the
+    policy schema and the fingerprint tag. `alias` defaults to `production` when no
+    `version` is given. Failures, versions without digests included, come back as
+    `ok=False` with a one-line message; an sqlite database that does not exist is not created.
+    """
+    if alias is not None and version is not None:
+        raise RegistryError("give an alias or a version to verify, not both")
+    if alias is None and version is None:
+        alias = PRODUCTION_ALIAS
+    for uri in _store_uris(tracking_uri):
+        database = _sqlite_database(uri)
+        if database is not None and not database.is_file():
+            message = f"no registry database at {database}: point MLFLOW_TRACKING_URI at the registry to verify"
+            return VerificationResult(model_name, None, False, message)
+    found = None
+    try:
+        client = _client(tracking_uri)
+        model_version = _version(client, model_name, version=None if version is None else str(version), alias=alias)
+        found = str(model_version.version)
+        with tempfile.TemporaryDirectory() as staging:
+            _, ladder = _download_ladder(client, model_version, Path(staging))
+        files = len(_recorded_digests(model_version))
+    except (RegistryError, MlflowException) as exc:
+        return VerificationResult(model_name, found, False, " ".join(str(exc).split()))
+    where = f" (alias {alias})" if alias is not None else ""
+    fingerprint = model_version.tags.get("model_fingerprint")
+    return VerificationResult(
+        model_name,
+        found,
+        True,
+        f"version {found} of '{model_name}'{where}: {files} files match the sha256 digests in the registry "
+        f"database; policies for budgets {sorted(ladder)} pass the schema and fingerprint ({fingerprint}) checks",
+    )

@@ -316,6 +316,10 @@ class _Enabled:
             config = TeaCacheConfig(p["threshold"], self.steps, p["coefficients"])
             self.runtime = enable_teacache(self.transformer, config)
         elif kind != "none":
+            if not hasattr(self.transformer, "enable_cache"):
+                raise BaselineError(
+                    f"{type(self.transformer).__name__} has no `enable_cache`: diffusers' {kind} does not run on it"
+                )
             self.transformer.enable_cache(_diffusers_config(self.method, self.steps))
         return self
 
