@@ -157,3 +157,12 @@ def test_a_saved_tiny_pipeline_loads_from_its_folder_with_the_same_fingerprint(t
     assert model_fingerprint(loaded.transformer) == model_fingerprint(tiny.transformer)
     with pytest.raises(ModelSpecError, match="has no text encoder"):
         loaded.prepare(["a"], [0], loaded.tiny_size)
+
+
+def test_evaluation_counts_steps_and_transformer_calls_apart(adapter, reference):
+    from budcache_pipeline.caching.baselines import CacheMethod, RolloutSet, run_method
+
+    data = RolloutSet.from_reference(adapter, reference)
+    run = run_method(CacheMethod.fixed(MASKS[0]), data)
+    assert (run.compute_steps == sum(MASKS[0])).all()
+    assert (run.block_stack_runs == sum(MASKS[0]) * adapter.calls_per_step).all()

@@ -158,6 +158,7 @@ class RolloutSet:
     sigmas: torch.Tensor
     reference: torch.Tensor | None = None
     solver: Any = None
+    calls_per_step: int = 1
 
     def __post_init__(self) -> None:
         self.sigmas = torch.as_tensor(self.sigmas, dtype=torch.float32)
@@ -181,7 +182,9 @@ class RolloutSet:
 
     def subset(self, index: slice) -> RolloutSet:
         reference = self.reference[index] if self.reference is not None else None
-        return RolloutSet(self.denoiser.subset(index), self.noise[index], self.sigmas, reference, self.solver)
+        return RolloutSet(
+            self.denoiser.subset(index), self.noise[index], self.sigmas, reference, self.solver, self.calls_per_step
+        )
 
     @classmethod
     def from_reference(cls, adapter: Any, reference: Any) -> RolloutSet:
@@ -193,6 +196,7 @@ class RolloutSet:
             torch.as_tensor(reference.sigmas),
             torch.as_tensor(reference.final),
             adapter.solver(reference.sigmas),
+            adapter.calls_per_step,
         )
 
 
@@ -243,6 +247,8 @@ class MethodRun:
 
     final: torch.Tensor
     compute_steps: np.ndarray
+    block_stack_runs: np.ndarray
+    """Full block-stack runs per image: compute steps x transformer calls per step (2 for guided Wan)."""
     block_evaluations: np.ndarray
     seconds: float
     per_image: bool
@@ -352,7 +358,7 @@ def run_method(method: CacheMethod, data: RolloutSet, per_image: bool | None = N
     per_image = method.per_image if per_image is None else per_image
     transformer = data.transformer
     pieces = [data.subset(slice(i, i + 1)) for i in range(len(data))] if per_image else [data]
-    finals, steps, blocks, seconds, cpu_seconds = [], [], [], 0.0, 0.0
+    finals, stacks, blocks, seconds, cpu_seconds = [], [], [], 0.0, 0.0
     with torch.inference_mode(), ComputeCounter(transformer) as counter:
         with _Enabled(method, transformer, data.solver) as enabled:
             for piece in pieces:
@@ -362,15 +368,15 @@ def run_method(method: CacheMethod, data: RolloutSet, per_image: bool | None = N
                 seconds += time.perf_counter() - start
                 cpu_seconds += time.process_time() - cpu_start
                 if own_counts is not None:
-                    steps.append(own_counts)
-                    blocks.append(own_counts * counter.num_blocks)
+                    stacks.append(own_counts * data.calls_per_step)
+                    blocks.append(own_counts * data.calls_per_step * counter.num_blocks)
                 else:
-                    steps.append(np.full(len(piece), counter.full_stack))
+                    stacks.append(np.full(len(piece), counter.full_stack))
                     blocks.append(np.full(len(piece), counter.blocks))
                 finals.append(final)
-    return MethodRun(
-        torch.cat(finals), np.concatenate(steps), np.concatenate(blocks), seconds, per_image, cpu_seconds
-    )
+    runs = np.concatenate(stacks)
+    steps = runs // data.calls_per_step if (runs % data.calls_per_step == 0).all() else runs / data.calls_per_step
+    return MethodRun(torch.cat(finals), steps, runs, np.concatenate(blocks), seconds, per_image, cpu_seconds)
 
 
 def mag_cache_schedule(steps: int, budget: int) -> tuple[int, int]:
