@@ -34,7 +34,7 @@ def test_prefix_reuse_gives_the_losses_of_full_rollouts(adapter, reference, fore
         assert torch.equal(reusing.final_latents(mask), fresh.final_latents(mask))
     assert reusing.stats["block_stack_calls"] < 0.8 * reusing.stats["block_stack_calls_naive"]
     assert fresh.stats["block_stack_calls"] == fresh.stats["block_stack_calls_naive"]
-    assert len(reusing._states) <= 64
+    assert len(reusing.prefix_store) <= 64
     assert get_runtime(adapter.transformer) is None, "hooks are only on the transformer during an evaluation"
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +23,7 @@ from budcache_pipeline.caching import BudCacheRuntime, ContextSnapshot, disable_
 from budcache_pipeline.policy import CachePolicy, check_forecast, model_fingerprint
 from budcache_pipeline.sampling import RolloutState
 from budcache_pipeline.solvers import SolverState, euler_step, split_state, stack_states
+from budcache_pipeline.search.prefix_store import PrefixStore
 from budcache_pipeline.search.reference import ReferenceSetError, ReferenceSet, check_uncached
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,6 +74,9 @@ class MaskObjective:
     `sigmas` overrides the reference's schedule (to score learned schedules against
     the same teachers); `max_rows_per_forward` bounds how many candidate rows share a
     forward (memory on big models); `forecast` is the policy's forecast the masks are scored under.
+    `max_cached_states` and `max_state_bytes` bound the prefix states kept on the model's device,
+    `max_host_state_bytes` a host-memory tier behind them (`search.prefix_store`); stats add the
+    store's hits, misses, evictions and peak bytes.
     """
 
     def __init__(
@@ -86,6 +89,8 @@ class MaskObjective:
         sigmas: Sequence[float] | None = None,
         max_rows_per_forward: int = 1024,
         forecast: str = "reuse",
+        max_state_bytes: int | None = None,
+        max_host_state_bytes: int = 0,
     ) -> None:
         if len(reference) == 0:
             raise ReferenceSetError("the reference set is empty: give at least one (prompt, seed) pair")
@@ -96,8 +101,6 @@ class MaskObjective:
                 f"the reference was computed for model fingerprint {expected}, this model's transformer is {found}: "
                 "recompute the reference for this model"
             )
-        if max_cached_states < 0:
-            raise ValueError(f"max_cached_states must be >= 0, got {max_cached_states}")
         self.forecast = check_forecast(forecast)
         self.adapter = adapter
         self.reference = reference
@@ -115,8 +118,7 @@ class MaskObjective:
         self.noise = reference.noise.to(device=device, dtype=adapter.latent_dtype)
         self.target = reference.final.to(device=device)
         self._memo: dict[str, float] = {}
-        self._states: OrderedDict[str, RolloutState] = OrderedDict()
-        self._pinned: set[str] = set()
+        self.prefix_store = PrefixStore(max_cached_states, max_state_bytes, max_host_state_bytes, device)
         self._teacher: list[torch.Tensor] | None = None
         self._teacher_solver: list[SolverState] = []
         self._tiles: dict[int, Any] = {}
@@ -157,6 +159,8 @@ class MaskObjective:
                 sigmas=self.schedule,
                 max_rows_per_forward=self.max_rows_per_forward,
                 forecast=self.forecast,
+                max_state_bytes=self.prefix_store.max_bytes,
+                max_host_state_bytes=self.prefix_store.max_host_bytes,
             )
         return self.cache[key]
 
@@ -206,7 +210,7 @@ class MaskObjective:
 
     def pin(self, masks: Iterable[Sequence[bool]]) -> None:
         """Keep these masks' prefix states out of eviction (the search's current and best masks)."""
-        self._pinned = {key[:k] for key in map(mask_key, masks) for k in range(1, self.steps)}
+        self.prefix_store.pin(key[:k] for key in map(mask_key, masks) for k in range(1, self.steps))
 
     def _check(self, mask: Sequence[bool]) -> str:
         key = mask_key(mask)
@@ -220,24 +224,6 @@ class MaskObjective:
         value = float(self.loss(final, self.target).double().mean())
         self._memo[key] = value
         return value
-
-    def _longest_prefix(self, key: str) -> tuple[int, RolloutState | None]:
-        for k in range(self.steps - 1, 0, -1):
-            state = self._states.get(key[:k])
-            if state is not None:
-                self._states.move_to_end(key[:k])
-                return k, state
-        return 0, None
-
-    def _store(self, prefix: str, state: RolloutState) -> None:
-        self._states[prefix] = state
-        self._states.move_to_end(prefix)
-        budget = len(self._states)
-        while len(self._states) > self.max_cached_states and budget > 0:
-            budget -= 1
-            old, kept = self._states.popitem(last=False)
-            if old in self._pinned:
-                self._states[old] = kept
 
     def _run_many(self, keys: list[str]) -> list[torch.Tensor]:
         """Cached rollouts of several masks, each from its longest stored prefix, in shared forwards.
@@ -254,12 +240,12 @@ class MaskObjective:
         solvers: list[SolverState] = []
         begins: list[int] = []
         for key in keys:
-            begin, state = self._longest_prefix(key)
+            begin, state = self.prefix_store.longest(key, self.steps)
             begins.append(begin)
             latents.append(self.noise if state is None else state.latents)
             caches.append({} if state is None else state.cache)
             solvers.append(self.solver.initial_state() if state is None else state.solver)
-        keep = self.max_cached_states > 0
+        keep = self.prefix_store.enabled
         rows = len(self)
         computed = 0
         with torch.inference_mode(), budcache_session(
@@ -291,11 +277,12 @@ class MaskObjective:
                         for member in members[prefix]:
                             latents[member], caches[member], solvers[member] = part, cache, solver
                         if keep and step + 1 < self.steps:
-                            self._store(prefix, RolloutState(step + 1, part, cache, solver))
+                            self.prefix_store.put(prefix, RolloutState(step + 1, part, cache, solver))
         self.stats["evaluations"] += len(keys)
         self.stats["block_stack_calls"] += computed
         self.stats["block_stack_calls_naive"] += sum(key.count("1") for key in keys)
         self.stats["wall_seconds"] += time.perf_counter() - started
+        self.stats.update(self.prefix_store.stats)
         return latents
 
     def _tiled(self, copies: int) -> Any:

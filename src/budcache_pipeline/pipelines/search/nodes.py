@@ -14,6 +14,7 @@ from budcache_pipeline.pipelines.common import load_model, model_spec
 from budcache_pipeline.policy import CachePolicy, model_fingerprint, weights_digest
 from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy
 from budcache_pipeline.search.objective import mask_key
+from budcache_pipeline.search.prefix_store import PREFIX_STATE_STATS, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,12 @@ def search_budget(
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
     objective = MaskObjective(
-        adapter, reference, max_cached_states=int(params["max_cached_states"]), forecast=settings["forecast"]
+        adapter,
+        reference,
+        max_cached_states=int(params["max_cached_states"]),
+        forecast=settings["forecast"],
+        max_state_bytes=parse_bytes(params.get("max_state_bytes")),
+        max_host_state_bytes=parse_bytes(params.get("max_host_state_bytes")) or 0,
     )
     result = search_policy(
         objective,
@@ -121,6 +127,7 @@ def search_budget(
             {k: s[k] for k in ("start", "initial_loss", "sa_loss", "final_loss")} for s in result.starts
         ],
         "cost": result.cost,
+        "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
         "settings": settings,
     }
     logger.info(
