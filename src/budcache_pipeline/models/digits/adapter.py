@@ -16,6 +16,7 @@ from budcache_pipeline.models.spec import ModelSpec
 class DigitsAdapter(FluxAdapter):
     """FluxAdapter on the shipped DigitsFluxPipeline: 16x16 grayscale digits, no guidance embedding."""
 
+    default_guidance_scale = 1.0  # no guidance embedding: recorded as 1.0, unused
     default_size = Size(16, 16)
     tiny_size = Size(16, 16)
 
