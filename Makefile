@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: run test bench repro venv
+.PHONY: run test test-threads test-shuffled test-kernels bench repro venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,21 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The determinism promise (README, "Determinism"): the suite at 1 and 2 torch threads, in a
+# shuffled order (SHUFFLE_SEED=... for another one), and the search tests on MKL kernels
+# whose rows depend on the batch shape (MKL_CBWR=COMPATIBLE; x86 builds of torch).
+SHUFFLE_SEED ?= 1
+
+test-threads: $(STAMP)
+	BUDCACHE_TEST_THREADS=1 $(BIN)/python -m pytest -q
+	BUDCACHE_TEST_THREADS=2 $(BIN)/python -m pytest -q
+
+test-shuffled: $(STAMP)
+	BUDCACHE_TEST_SHUFFLE_SEED=$(SHUFFLE_SEED) $(BIN)/python -m pytest -q
+
+test-kernels: $(STAMP)
+	MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest -q tests/search
 
 bench: $(STAMP)
 	$(BIN)/budcache bench runtime --json data/08_reporting/bench_runtime.json

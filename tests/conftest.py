@@ -1,10 +1,18 @@
 """Tiny diffusers models with random weights, built from configs: no downloads, fp32, CPU; and
-the edits an attacker with write access to a local artifact store makes to a registered ladder."""
+the edits an attacker with write access to a local artifact store makes to a registered ladder.
+
+Two environment variables check the determinism promise (README, "Determinism"):
+`BUDCACHE_TEST_THREADS` (default 1) is torch's thread count for the whole session, and
+every test starts at it; `BUDCACHE_TEST_SHUFFLE_SEED`, when set, runs the modules in a
+shuffled order and the tests of each module in a shuffled order (a module's tests stay
+together, so module fixtures are built once). Unset, the order is the files' order.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -12,7 +20,46 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
+
+
+def _threads() -> int:
+    text = os.environ.get("BUDCACHE_TEST_THREADS", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise pytest.UsageError(f"BUDCACHE_TEST_THREADS must be a positive integer, got {text!r}")
+    return int(text)
+
+
+THREADS = _threads()
+SHUFFLE_SEED = os.environ.get("BUDCACHE_TEST_SHUFFLE_SEED") or None
+torch.set_num_threads(THREADS)
+
+
+def pytest_report_header(config):
+    order = f"shuffled with seed {SHUFFLE_SEED!r}" if SHUFFLE_SEED else "file order"
+    return f"budcache: {THREADS} torch thread(s), tests in {order}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    if SHUFFLE_SEED is None:
+        return
+    rng = random.Random(SHUFFLE_SEED)
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = list(modules.values())
+    rng.shuffle(order)
+    for group in order:
+        rng.shuffle(group)
+    items[:] = [item for group in order for item in group]
+
+
+@pytest.fixture(autouse=True)
+def _session_torch_threads():
+    """Code under test may set torch's global thread count (`load_model` does): undo it after each test."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):

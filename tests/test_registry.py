@@ -128,10 +128,13 @@ def test_log_run_records_params_metrics_artifacts_and_policies(uri, tmp_path):
     assert (database.parent / "mlartifacts" / "budcache" / run_id / "artifacts" / "pareto.png").is_file()
 
 
-def test_registration_tags_the_version_and_sets_candidate(uri, baseline):
-    registered, _ = baseline
+def test_registration_tags_the_version_and_sets_candidate(uri):
+    """A model of its own: other tests register `digits` versions, and each moves `candidate`."""
+    registered = registry.register_ladder(
+        ladder({5: 0.30, 10: 0.10}, model="tagged"), code_version="0.1.0+gabc", data_hash="md5:feed", tracking_uri=uri
+    )
     version = client(uri).get_model_version(registered.name, registered.version)
-    assert registered.name == "budcache-digits-20steps"
+    assert registered.name == "budcache-tagged-20steps"
     assert version.tags["code_version"] == "0.1.0+gabc"
     assert version.tags["dvc_data_hash"] == "md5:feed"
     assert version.tags["model_fingerprint"] == FINGERPRINT

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import random
 
+import pandas as pd
 import pytest
+import torch
 
 from budcache_pipeline.policy import uniform_mask
-from budcache_pipeline.search import MaskObjective, SearchSetupError, result_to_policy, search_policy
+from budcache_pipeline.search import (
+    MaskObjective,
+    SearchSetupError,
+    latent_mse_per_sample,
+    result_to_policy,
+    search_policy,
+)
 from budcache_pipeline.search.engine import RACE_FROM, SA_CHUNK
-from tests.search.conftest import STEPS
+from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
+from tests.search.conftest import STEPS, assert_same_up_to_loss_tolerance, close
 
 FAST = dict(sa_iterations=30, hc_rounds=3, progress=False, dp_samples=3, race_margin=None)
+LOSS_COLUMNS = ["current_loss", "best_loss"]
 
 
 class Stop(Exception):
@@ -28,6 +39,37 @@ def to_policy(result, created_at="2026-01-01T00:00:00+00:00"):
         scores={"calibration_mse": result.loss},
         created_at=created_at,
     )
+
+
+def assert_same_search(got, expected):
+    """The promise across batch compositions, thread counts and machines: every mask and
+    decision the same, every loss within LOSS_RELATIVE_TOLERANCE."""
+    assert got.mask == expected.mask and got.loss == close(expected.loss)
+    assert_same_up_to_loss_tolerance(got.starts, expected.starts, "starts")
+    pd.testing.assert_frame_equal(got.history.drop(columns=LOSS_COLUMNS), expected.history.drop(columns=LOSS_COLUMNS))
+    for column in LOSS_COLUMNS:
+        assert got.history[column].tolist() == pytest.approx(
+            expected.history[column].tolist(), rel=LOSS_RELATIVE_TOLERANCE
+        ), column
+    got_policy, expected_policy = (json.loads(to_policy(r).to_json()) for r in (got, expected))
+    for policy in (got_policy, expected_policy):
+        policy["provenance"]["cost"] = None  # a resumed search or another batch shape runs other forwards
+    # The spread of close final losses is a small difference of losses: its error is the losses' error.
+    got_std, expected_std = (p["provenance"]["start_spread"].pop("std") for p in (got_policy, expected_policy))
+    scale = LOSS_RELATIVE_TOLERANCE * expected_policy["provenance"]["start_spread"]["max"]
+    assert got_std == pytest.approx(expected_std, rel=LOSS_RELATIVE_TOLERANCE, abs=scale)
+    assert_same_up_to_loss_tolerance(got_policy, expected_policy, "policy")
+
+
+def jittered_mse(seed: int, relative: float):
+    """The latent MSE with a pseudo-random relative error below `relative` on every evaluation:
+    what another batch composition or machine does to the last bits of a loss, but larger."""
+    rng = random.Random(seed)
+
+    def loss(output, target):
+        return latent_mse_per_sample(output, target) * (1 + relative * (2 * rng.random() - 1))
+
+    return loss
 
 
 def test_search_keeps_the_budget_and_beats_every_start(objective):
@@ -83,15 +125,37 @@ def test_a_killed_search_resumes_from_its_checkpoint_and_ends_with_the_same_poli
         search_policy(MaskObjective(adapter, reference), 4, checkpoint=checkpoint, callback=kill_at("hc", 1), **settings)
     resumed_objective = MaskObjective(adapter, reference)
     resumed = search_policy(resumed_objective, 4, checkpoint=checkpoint, **settings)
-    assert resumed.mask == uninterrupted.mask and resumed.loss == uninterrupted.loss
-    assert resumed.starts == uninterrupted.starts
-    assert resumed.history.equals(uninterrupted.history)
-    strip = lambda text: {**json.loads(text), "provenance": {**json.loads(text)["provenance"], "cost": None}}
-    assert strip(to_policy(resumed).to_json()) == strip(to_policy(uninterrupted).to_json())
+    # The resumed search reads the killed runs' losses from the checkpoint and computes the
+    # rest from the noise, in other batch compositions than the uninterrupted search did.
+    assert_same_search(resumed, uninterrupted)
     again = search_policy(resumed_objective, 4, checkpoint=checkpoint, **settings)
-    assert again.mask == resumed.mask and again.cost == resumed.cost, "a finished checkpoint returns its result"
+    assert json.dumps(again.to_dict()) == json.dumps(resumed.to_dict()), "a finished checkpoint returns its result"
     with pytest.raises(SearchSetupError, match="seed"):
         search_policy(resumed_objective, 4, checkpoint=checkpoint, **{**settings, "seed": 2})
+
+
+def test_batch_shapes_and_thread_counts_change_no_mask(adapter, reference):
+    settings = dict(starts=("uniform", "random"), seed=2, **FAST)
+    batched = search_policy(MaskObjective(adapter, reference), 4, **settings)
+    one_candidate_per_forward = MaskObjective(adapter, reference, max_rows_per_forward=len(reference))
+    assert_same_search(search_policy(one_candidate_per_forward, 4, **settings), batched)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads == 1 else 1)
+    try:
+        other_threads = search_policy(MaskObjective(adapter, reference), 4, **settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_search(other_threads, batched)
+
+
+def test_losses_that_differ_within_the_tolerance_choose_the_same_masks(adapter, reference):
+    """Each evaluation's own error below half the tolerance: two such losses of a mask are within it."""
+    exact = search_policy(MaskObjective(adapter, reference), 4, seed=4, **FAST)
+    for seed in (0, 1):
+        loss = jittered_mse(seed, LOSS_RELATIVE_TOLERANCE / 2)
+        jittered = search_policy(MaskObjective(adapter, reference, loss=loss), 4, seed=4, **FAST)
+        assert jittered.loss != exact.loss, "the jitter reaches the losses the search compares"
+        assert_same_search(jittered, exact)
 
 
 def test_racing_retires_starts_that_fall_behind(objective):

@@ -9,9 +9,14 @@ falls clearly behind the leader can be retired early (racing), and every decisio
 that fixes the result (initial and final losses, each hill-climbing step) is made
 on the full calibration set.
 
-A search is a pure function of its inputs and seed; the checkpoint holds the RNG
-states, masks and memoised losses, so a killed search resumes and ends with the
-same policy.
+On one machine at one torch thread count, a search is a pure function of its
+inputs and seed: the same policy, bit for bit. Across batch shapes
+(`max_rows_per_forward`), thread counts and machines, float32 matmuls and
+reductions sum in other orders and a loss moves in its last bits: the masks are
+the same, the losses agree within `tolerance.LOSS_RELATIVE_TOLERANCE`. The
+checkpoint holds the RNG states, masks and memoised losses, so a killed search
+resumes and ends with the same masks; the losses it recomputes run in other batch
+compositions than the uninterrupted search's, so they agree within that tolerance.
 """
 
 from __future__ import annotations
