@@ -1,4 +1,6 @@
 import json
+import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -183,3 +185,110 @@ def test_shipped_prompts_use_only_words_the_default_model_knows():
     vocab = set(build_vocab())
     prompts = read_prompts(SHIPPED)["prompt"]
     assert not {word for prompt in prompts for word in split_words(prompt)} - vocab
+
+
+def write_empty(path: Path) -> Path:
+    if path.suffix == ".parquet":
+        pd.DataFrame({"prompt": pd.Series([], dtype=str)}).to_parquet(path)
+    else:
+        path.write_text("prompt\n" if path.name == "header_only.csv" else "")
+    return path
+
+
+@pytest.mark.parametrize("name", ["prompts.csv", "header_only.csv", "prompts.jsonl", "prompts.txt", "prompts.parquet"])
+def test_an_empty_prompt_file_is_refused_in_every_format(tmp_path, name):
+    path = write_empty(tmp_path / name)
+    with pytest.raises(PromptFileError, match=rf"{name}: no prompts left after dropping 0 empty row\(s\)"):
+        ingest_prompts(path)
+
+
+def test_prompts_that_are_all_one_prompt_after_deduplication_are_refused(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("prompt\na handwritten seven\nA  handwritten SEVEN\n\n a handwritten seven\n")
+    with pytest.raises(PromptFileError) as error:
+        ingest_prompts(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "has 1 distinct prompt after dropping 2 duplicate(s) and 1 empty row(s)" in message
+    assert "need at least 2 distinct prompts" in message
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".txt"])
+def test_a_file_that_is_not_utf8_is_refused_with_the_offending_byte(tmp_path, suffix):
+    path = tmp_path / f"prompts{suffix}"
+    line = '{"prompt": "caf\xe9 seven"}' if suffix == ".jsonl" else "caf\xe9 seven"
+    path.write_bytes(("prompt\n" if suffix == ".csv" else "").encode() + line.encode("latin-1") + b"\n")
+    with pytest.raises(PromptFileError, match=rf"prompts\{suffix} is not UTF-8 text \(byte 0xe9 .*re-save it as UTF-8"):
+        read_prompts(path)
+
+
+def test_a_100_kb_prompt_is_kept_whole(tmp_path):
+    long_prompt = " ".join(["a handwritten seven"] * 5300)
+    assert len(long_prompt) > 100_000
+    calibration, holdout, summary = ingest_prompts(write(tmp_path / "p.csv", [{"prompt": long_prompt}, *ROWS]))
+    assert summary["prompts"] == 4
+    assert long_prompt in set(pd.concat([calibration, holdout])["prompt"])
+
+
+def test_100000_prompts_ingest_and_split_in_seconds(tmp_path):
+    path = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": [f"a handwritten digit, variant {i}" for i in range(100_000)]}).to_csv(path, index=False)
+    started = time.perf_counter()
+    calibration, holdout, summary = ingest_prompts(path)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 30, f"ingesting 100,000 prompts took {elapsed:.1f} s"
+    assert summary["prompts"] == len(calibration) + len(holdout) == 100_000
+    assert 0.24 < len(holdout) / 100_000 < 0.26
+
+
+def test_nan_seeds_are_missing_and_derived_from_the_prompt(tmp_path):
+    path = tmp_path / "prompts.parquet"
+    pd.DataFrame({"prompt": ["a seven", "a three"], "seed": [7.0, math.nan]}).to_parquet(path)
+    calibration, holdout, summary = ingest_prompts(path)
+    seeds = dict(zip(*[pd.concat([calibration, holdout])[c] for c in ("prompt", "seed")]))
+    assert seeds == {"a seven": 7, "a three": prompt_seed("a three")}
+    assert summary["seeds_derived"] == 1
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("prompt", [1, 2], r"row 1: prompt 1 is not text \(int\): store the prompt column as strings"),
+        ("seed", [1.5, 2.0], r"row 1: seed 1.5 is not an integer in \[0, 4294967295\]"),
+        ("seed", [math.inf, 2.0], r"row 1: seed inf is not an integer"),
+        ("seed", [-3, 2], r"row 1: seed -3 is not an integer"),
+    ],
+)
+def test_a_parquet_file_with_wrong_column_types_is_refused_naming_file_and_row(tmp_path, column, values, message):
+    path = tmp_path / "prompts.parquet"
+    pd.DataFrame({"prompt": ["a seven", "a three"], "seed": [7, 3]} | {column: values}).to_parquet(path)
+    with pytest.raises(PromptFileError, match=rf"prompts\.parquet {message}"):
+        ingest_prompts(path)
+
+
+def test_a_parquet_file_with_text_seeds_and_numeric_categories_is_read(tmp_path):
+    path = tmp_path / "prompts.parquet"
+    pd.DataFrame({"prompt": ["a seven", "a three"], "seed": ["7", "3"], "category": [7, 3]}).to_parquet(path)
+    calibration, holdout, _ = ingest_prompts(path)
+    both = pd.concat([calibration, holdout]).sort_values("seed")
+    assert both["seed"].tolist() == [3, 7] and both["category"].tolist() == ["3", "7"]
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_refused_with_its_number(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a handwritten seven"}\n["the digit 3"]\n')
+    with pytest.raises(PromptFileError, match=r"line 2 is a JSON list, expected an object: write one object per line"):
+        read_prompts(path)
+
+
+def test_a_symlink_out_of_the_data_folder_is_refused_and_one_inside_is_read(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    outside = write(tmp_path / "elsewhere" / "prompts.csv", ROWS)
+    raw = tmp_path / "project" / "data" / "01_raw"
+    raw.mkdir(parents=True)
+    (raw / "prompts.csv").symlink_to(outside)
+    with pytest.raises(PromptFileError, match=r"links to .*elsewhere/prompts.csv, outside the data folder .*project/data"):
+        read_prompts(raw / "prompts.csv")
+    shared = write(tmp_path / "project" / "data" / "shared.csv", ROWS)
+    (raw / "inside.csv").symlink_to(shared)
+    assert read_prompts(raw / "inside.csv")["prompt"].tolist() == [row["prompt"] for row in ROWS]

@@ -68,21 +68,52 @@ def read_prompts(path: str | Path) -> pd.DataFrame:
         )
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist: check the path (catalog entry or --prompts)")
-    if suffix == ".txt":
-        return pd.DataFrame({"prompt": path.read_text(encoding="utf-8").splitlines()}, dtype=object)
-    if suffix == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    elif suffix == ".jsonl":
-        frame = _read_jsonl(path)
-    else:
-        frame = pd.read_parquet(path)
+    _check_inside_data_folder(path)
+    try:
+        frame = _read_frame(path, suffix)
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(
+            f"prompt file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+            "re-save it as UTF-8"
+        ) from exc
     frame = frame.rename(columns=lambda c: str(c).strip().lower())
     if "prompt" not in frame.columns:
         raise PromptFileError(
             f"prompt file {path} has no 'prompt' column (found {list(frame.columns)}): "
             "name the column holding the prompts 'prompt'"
         )
-    return frame.astype(object)
+    frame = frame.astype(object)
+    frame.attrs["source"] = str(path)
+    return frame
+
+
+def _read_frame(path: Path, suffix: str) -> pd.DataFrame:
+    if suffix == ".txt":
+        return pd.DataFrame({"prompt": path.read_text(encoding="utf-8").splitlines()}, dtype=object)
+    if suffix == ".csv":
+        if not path.read_bytes().strip():
+            return pd.DataFrame({"prompt": []}, dtype=object)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    return pd.read_parquet(path)
+
+
+def _data_folder(path: Path) -> Path:
+    """The project's data folder above `path` (the nearest one named `data`), else the file's own folder."""
+    absolute = path.absolute()
+    return next((folder for folder in absolute.parents if folder.name == "data"), absolute.parent)
+
+
+def _check_inside_data_folder(path: Path) -> None:
+    """Refuse a prompt file that is a link to somewhere outside the data folder: git and DVC would not track it."""
+    folder = _data_folder(path)
+    target = path.resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise PromptFileError(
+            f"prompt file {path} links to {target}, outside the data folder {folder}: "
+            f"copy the file into {folder} so that it is versioned with the project"
+        )
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -95,7 +126,10 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{path} line {number} is not valid JSON ({exc.msg}): one object per line") from exc
         if not isinstance(record, dict):
-            raise PromptFileError(f"{path} line {number} is a JSON {type(record).__name__}, expected an object")
+            raise PromptFileError(
+                f"{path} line {number} is a JSON {type(record).__name__}, expected an object: "
+                'write one object per line, like {"prompt": "a handwritten seven"}'
+            )
         records.append(record)
     return pd.DataFrame.from_records(records, columns=None if records else ["prompt"])
 
@@ -120,14 +154,14 @@ def _whole_number(value: Any) -> int | None:
     return None
 
 
-def _parse_seed(value: Any, row: int) -> int | None:
+def _parse_seed(value: Any, where: str) -> int | None:
     """An integer seed in [0, 2**32), None when absent; anything else is an error naming the row."""
     if _is_missing(value):
         return None
     seed = None if isinstance(value, bool) else _whole_number(value)
     if seed is None or not 0 <= seed <= MAX_SEED:
         raise PromptFileError(
-            f"row {row}: seed {value!r} is not an integer in [0, {MAX_SEED}]: fix it or leave it empty to derive one"
+            f"{where}: seed {value!r} is not an integer in [0, {MAX_SEED}]: fix it or leave it empty to derive one"
         )
     return seed
 
@@ -147,14 +181,16 @@ def prepare_prompts(
 
     Returns the prompts (columns `prompt_id, prompt, seed, category, split`, in file
     order) and a summary of what was dropped and how the sets came out. The first
-    occurrence of a duplicate wins. Rows are numbered from 1 as in the file's data rows.
-    Each split gets at least one prompt when there are two or more: the prompt whose
-    hash lies nearest the threshold moves over, so tiny sets stay usable.
+    occurrence of a duplicate wins. Rows are numbered from 1 as in the file's data rows,
+    and errors name the file `read_prompts` read (`raw.attrs["source"]`). Each split gets
+    at least one prompt (the prompt whose hash lies nearest the threshold moves over, so
+    tiny sets stay usable); fewer than two distinct prompts is an error.
     """
+    source = str(raw.attrs.get("source", "prompt frame"))
     if not 0 < holdout_fraction < 1:
         raise PromptFileError(f"holdout_fraction must be strictly between 0 and 1, got {holdout_fraction}")
     if "prompt" not in raw.columns:
-        raise PromptFileError(f"prompt frame has no 'prompt' column (found {list(raw.columns)})")
+        raise PromptFileError(f"{source} has no 'prompt' column (found {list(raw.columns)})")
 
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -165,9 +201,11 @@ def prepare_prompts(
             empty += 1
             continue
         if not isinstance(text, str):
-            raise PromptFileError(f"row {row}: prompt {text!r} is not text")
+            raise PromptFileError(
+                f"{source} row {row}: prompt {text!r} is not text ({type(text).__name__}): store the prompt column as strings"
+            )
         prompt = normalise_prompt(text)
-        seed = _parse_seed(record.get("seed"), row)
+        seed = _parse_seed(record.get("seed"), f"{source} row {row}")
         key = prompt_key(prompt)
         if key in seen:
             duplicates += 1
@@ -187,7 +225,13 @@ def prepare_prompts(
         )
 
     if not rows:
-        raise PromptFileError(f"no prompts left after dropping {empty} empty row(s): the prompt file is empty")
+        raise PromptFileError(f"{source}: no prompts left after dropping {empty} empty row(s): the prompt file is empty")
+    if len(rows) < len(SPLITS):
+        raise PromptFileError(
+            f"{source} has {len(rows)} distinct prompt after dropping {duplicates} duplicate(s) and {empty} empty "
+            f"row(s) (case and spacing are ignored): the calibration and holdout splits need at least "
+            f"{len(SPLITS)} distinct prompts, add more"
+        )
     frame = pd.DataFrame(rows)
     frame["split"] = ["holdout" if s < holdout_fraction else "calibration" for s in frame["score"]]
     rebalanced = _ensure_both_splits(frame, holdout_fraction)
@@ -213,8 +257,6 @@ def prepare_prompts(
 
 
 def _ensure_both_splits(frame: pd.DataFrame, holdout_fraction: float) -> int:
-    if len(frame) < 2:
-        return 0
     for empty_split in SPLITS:
         if not (frame["split"] == empty_split).any():
             nearest = (frame["score"] - holdout_fraction).abs().idxmin()

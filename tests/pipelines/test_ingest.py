@@ -97,3 +97,10 @@ def test_budgets_come_from_settings_and_are_checked(monkeypatch):
     monkeypatch.setattr(settings, "BUDGETS", (0, 3))
     with pytest.raises(ValueError, match="positive integers"):
         configured_budgets()
+
+
+def test_a_prompt_file_of_one_distinct_prompt_fails_the_run_naming_the_file(project):
+    (project / "data" / "01_raw" / "prompts.csv").write_text("prompt\na handwritten seven\nA handwritten seven\n")
+    with pytest.raises(Exception, match=r"01_raw/prompts.csv has 1 distinct prompt .*need at least 2 distinct"):
+        run_ingest(project)
+    assert not (project / "data" / "05_model_input" / "holdout_prompts.parquet").exists()
