@@ -54,26 +54,26 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from budcache_pipeline.caching import enable_budcache
-    from budcache_pipeline.models.adapter import Size
-    from budcache_pipeline.models.digits import generate_grid
-    from budcache_pipeline.models.spec import load_adapter
+    from budcache_pipeline.deploy import check_policy, run_pipeline
+    from budcache_pipeline.models.spec import ModelSpec, load_adapter, read_model_block
     from budcache_pipeline.policy import load_policy
+    from budcache_pipeline.reporting import plot_sample_grid
 
-    adapter = load_adapter({"adapter": "digits"})
-    size = Size(16, 16)
+    spec = ModelSpec.from_params(read_model_block(args.model_config) if args.model_config else {})
+    adapter = load_adapter(spec)
+    size = spec.output_size(adapter)
+    steps = args.steps or spec.steps or 28
     seeds = list(range(args.seed, args.seed + args.images))
-    schedule, runtime = {}, None
+    policy, label = None, f"{steps} steps, no cache"
+    schedule = adapter.schedule_kwargs(adapter.default_sigmas(steps, size), size)
     if args.policy:
-        policy = load_policy(args.policy)
-        if policy.steps != args.steps:
-            raise ValueError(f"the policy was searched for {policy.steps} steps, not --steps {args.steps}")
-        runtime = enable_budcache(adapter.pipe, policy, check_fingerprint=True)
-        if policy.sigmas is not None:
-            schedule = adapter.schedule_kwargs(list(policy.sigmas), size)
-    path = generate_grid(adapter.pipe, args.prompt, args.steps, seeds, args.out, sigmas=schedule.get("sigmas"))
-    used = max(runtime.compute_counts().values()) if runtime else args.steps
-    print(f"wrote {path}: {len(seeds)} images, {used} of {args.steps} steps computed the block stack")
+        plan = check_policy(adapter, load_policy(args.policy), steps, size)
+        policy, schedule = plan.policy, plan.schedule_kwargs
+        label = f"budget {policy.budget} of {steps}"
+    images, used = run_pipeline(adapter, [args.prompt] * len(seeds), seeds, size, schedule, policy)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plot_sample_grid({label: images}, args.out, columns=len(seeds))
+    print(f"wrote {args.out}: {len(seeds)} images of {args.prompt!r}, {used} of {steps} steps computed the block stack")
     return 0
 
 
@@ -86,7 +86,7 @@ def _check_model(args: argparse.Namespace) -> int:
 
 
 def _train_default_model(args: argparse.Namespace) -> int:
-    from budcache_pipeline.models.digits import train_default_model
+    from budcache_pipeline.models import train_default_model
 
     report = train_default_model(args.out, steps=args.steps, seed=args.seed, num_threads=args.threads)
     print(json.dumps(report, indent=2, sort_keys=True))
@@ -127,6 +127,9 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+_MODEL_CONFIG_HELP = (
+    "a YAML file whose `model:` block names the adapter, weights, size and steps (default: the embedded model)"
+)
 _UNVERIFIED_HELP = (
     "accept versions registered without file digests in the registry database (logged as a warning); "
     "digests that exist are always checked"
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--json", help="also write the result as JSON here")
     runtime.add_argument("--repeats", type=_positive_int, default=6, help="timing rounds; figures are medians (default 6)")
     runtime.set_defaults(handler=_bench_runtime)
-    quality = benches.add_parser("quality", help="searched policies vs heuristic caches on held-out digits prompts")
+    quality = benches.add_parser("quality", help="searched policies vs heuristic caches on the default model's held-out prompts")
     quality.add_argument("--json", help="also write the summary and table as JSON here")
     quality.add_argument("--csv", help="also write the held-out table (one row per method x budget) as CSV here")
     quality.add_argument("--figures", help="folder for the plots (Pareto, masks, convergence, sample grids)")
@@ -155,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality.set_defaults(handler=_bench_quality)
 
-    generate = commands.add_parser("generate", help="a PNG grid from the embedded default model, optionally under a policy")
-    generate.add_argument("--prompt", required=True, help='e.g. "a handwritten seven"')
-    generate.add_argument("--steps", type=_positive_int, default=28)
+    generate = commands.add_parser("generate", help="a PNG grid of one prompt over several seeds, optionally under a policy")
+    generate.add_argument("--prompt", required=True, help='e.g. "a handwritten seven" for the embedded default model')
+    generate.add_argument("--model-config", help=_MODEL_CONFIG_HELP)
+    generate.add_argument("--steps", type=_positive_int, help="sampling steps (default: the block's, else 28)")
     generate.add_argument("--policy", help="a policy JSON to apply")
     generate.add_argument("--seed", type=int, default=0, help="first seed; the grid uses consecutive seeds")
     generate.add_argument("--images", type=_positive_int, default=8, help="images in the grid (default 8)")
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_generate)
 
     check = commands.add_parser("check-model", help="load your weights, run two steps, print time and memory per step")
-    check.add_argument("--adapter", required=True, choices=["digits", "flux", "wan", "sd3"])
+    check.add_argument("--adapter", required=True, help="a registered adapter's name (an unknown one lists them)")
     check.add_argument("--weights", help="a local diffusers folder, a cached hub id, or `tiny` (random weights)")
     check.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16")
     check.add_argument("--device", default="auto")

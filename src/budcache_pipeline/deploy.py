@@ -21,6 +21,7 @@ import torch
 
 from budcache_pipeline.caching import disable_budcache, enable_budcache
 from budcache_pipeline.models.adapter import ModelSpecError, Size
+from budcache_pipeline.models.spec import ModelSpec, load_adapter, read_model_block
 from budcache_pipeline.policy import CachePolicy, model_fingerprint, weights_mismatch
 from budcache_pipeline.registry import PRODUCTION_ALIAS, RegistryError, load_ladder, pick_policy, pull
 
@@ -106,21 +107,41 @@ def plan_deployment(
 
 
 def generate(adapter: Any, plan: DeploymentPlan, prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
-    """Images (or videos) in [0, 1] from the stock pipeline under the plan's policy; hooks removed afterwards."""
+    """Images (or videos) in [0, 1] from the stock pipeline under the plan's policy, one seed per prompt."""
+    seeds = [seed + k for k in range(len(prompts))]
+    return run_pipeline(adapter, prompts, seeds, plan.size, plan.schedule_kwargs, plan.policy)[0]
+
+
+def run_pipeline(
+    adapter: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    size: Size,
+    schedule_kwargs: dict[str, Any],
+    policy: CachePolicy | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The stock pipeline's images (or videos) in [0, 1], under `policy` when one is given, and how many
+    steps computed the block stack (counted by the cache hooks; every step without a policy).
+
+    Each sample's noise comes from its own seed, exactly as the reference stage draws it; hooks are
+    removed afterwards.
+    """
     pipe = adapter.pipe
-    conditioning, noise = adapter.prepare(list(prompts), [seed + k for k in range(len(prompts))], plan.size)
-    enable_budcache(pipe, plan.policy, check_fingerprint=True)
+    conditioning, noise = adapter.prepare(list(prompts), list(seeds), size)
+    runtime = enable_budcache(pipe, policy, check_fingerprint=True) if policy is not None else None
     try:
         with torch.no_grad():
             latents = pipe(
-                **adapter.pipeline_inputs(conditioning, noise, plan.size),
-                **plan.schedule_kwargs,
+                **adapter.pipeline_inputs(conditioning, noise, size),
+                **schedule_kwargs,
                 output_type="latent",
                 return_dict=False,
             )[0]
     finally:
-        disable_budcache(pipe)
-    return adapter.decode(latents, plan.size).cpu()
+        if runtime is not None:
+            disable_budcache(pipe)
+    computed = max(runtime.compute_counts().values()) if runtime else schedule_kwargs["num_inference_steps"]
+    return adapter.decode(latents, size).cpu(), computed
 
 
 def _slug(text: str) -> str:
@@ -156,12 +177,9 @@ def deploy_and_generate(
     `model` is a `model:` block (see conf/base/parameters.yml); the embedded default model
     at its shipped 28 steps when omitted.
     """
-    from budcache_pipeline.models.spec import ModelSpec, load_adapter
-
     spec = ModelSpec.from_params(model or {"steps": 28})
     adapter = load_adapter(spec)
-    default_size = adapter.tiny_size if spec.weights == "tiny" else adapter.default_size
-    size, steps = spec.size(default_size), spec.steps or 28
+    size, steps = spec.output_size(adapter), spec.steps or 28
     out_dir = Path(out_dir)
     plan = plan_deployment(
         model_name, budget, adapter, out_dir, steps, size, alias=alias, tracking_uri=tracking_uri,
@@ -173,7 +191,7 @@ def deploy_and_generate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_name", help="registered model, e.g. budcache-digits-28steps")
+    parser.add_argument("model_name", help="registered model name (the register stage prints it)")
     parser.add_argument("budget", type=int, help="compute steps this request may use")
     parser.add_argument("prompt")
     parser.add_argument("out_dir")
@@ -185,12 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-other-weights", action="store_true",
                         help="serve a policy searched on other weights of the same architecture (logged)")
     args = parser.parse_args(argv)
-    model = None
-    if args.model_config:
-        import yaml
-
-        model = yaml.safe_load(Path(args.model_config).read_text())["model"]
     try:
+        model = read_model_block(args.model_config) if args.model_config else None
         path = deploy_and_generate(
             args.model_name, args.budget, args.prompt, args.out_dir, args.alias, model=model, seed=args.seed,
             allow_other_weights=args.allow_other_weights,

@@ -15,7 +15,6 @@ from PIL import Image
 from budcache_pipeline.models.digits.quality import digits_fid, judge_agreement
 from budcache_pipeline.models.digits import (
     DigitsFluxPipeline,
-    generate_grid,
     load_default_judge,
     load_default_pipeline,
     train_default_model,
@@ -229,15 +228,6 @@ def test_few_step_sampling_has_worse_fid_than_28_steps(pipe: DigitsFluxPipeline)
     fid_28 = digits_fid(generate_images(pipe, prompts, seeds, num_inference_steps=28), reference)
     fid_3 = digits_fid(generate_images(pipe, prompts, seeds, num_inference_steps=3), reference)
     assert fid_3 > fid_28
-
-
-def test_generate_grid_writes_a_readable_png(pipe: DigitsFluxPipeline, tmp_path) -> None:
-    path = generate_grid(pipe, "a handwritten seven", steps=4, seeds=[0, 1, 2], out_path=tmp_path / "out" / "grid.png")
-    with Image.open(path) as image:
-        width, height = image.size
-    assert path.exists() and width >= 3 * 16 * 6 and height >= 16 * 6
-    with pytest.raises(ValueError):
-        generate_grid(pipe, "seven", steps=4, seeds=[], out_path=tmp_path / "none.png")
 
 
 def test_training_smoke_run_is_seeded_and_writes_a_loadable_folder(tmp_path) -> None:

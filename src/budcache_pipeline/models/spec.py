@@ -64,6 +64,10 @@ class ModelSpec:
             self.num_frames if self.num_frames is not None else default.num_frames,
         )
 
+    def output_size(self, adapter: Any) -> Size:
+        """The size to sample at: the block's, else the adapter's default (its tiny size for `tiny` weights)."""
+        return self.size(adapter.tiny_size if self.weights == TINY_WEIGHTS else adapter.default_size)
+
     def resolve_device(self) -> torch.device:
         """`auto` (or nothing) means the GPU when one is present, else the CPU."""
         if self.device in (None, "auto"):
@@ -87,6 +91,16 @@ class ModelSpec:
                 f"model.weights {weights!r} is not a folder: give a diffusers model folder "
                 "(with model_index.json) or a hub id that your local cache holds"
             )
+
+
+def read_model_block(path: str | Path) -> dict[str, Any]:
+    """The `model:` block of a YAML file (a parameters file or a deployment's own), for jobs outside Kedro."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ModelSpecError(f"{path} has no `model:` block: see conf/base/parameters.yml for its fields")
+    return data["model"]
 
 
 def load_adapter(spec: ModelSpec | dict[str, Any]) -> Any:

@@ -43,9 +43,7 @@ def load_model(model_params: dict[str, Any]) -> Any:
 
 def model_size(adapter: Any, model_params: dict[str, Any]) -> Size:
     """The size the policies are searched for: the block's, else the adapter's default."""
-    spec = model_spec(model_params)
-    default = adapter.tiny_size if spec.weights == "tiny" else adapter.default_size
-    return spec.size(default)
+    return model_spec(model_params).output_size(adapter)
 
 
 def model_steps(model_params: dict[str, Any]) -> int:

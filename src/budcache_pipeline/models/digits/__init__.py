@@ -10,7 +10,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from budcache_pipeline.models.digits.grid import generate_grid
     from budcache_pipeline.models.digits.judge import Judge, load_default_judge
     from budcache_pipeline.models.digits.pipeline import DigitsFluxPipeline, load_default_pipeline
     from budcache_pipeline.models.digits.text_encoder import DigitsTextEncoder, DigitsTokenizer
@@ -21,7 +20,6 @@ _EXPORTS = {
     "DigitsTextEncoder": "text_encoder",
     "DigitsTokenizer": "text_encoder",
     "Judge": "judge",
-    "generate_grid": "grid",
     "load_default_judge": "judge",
     "load_default_pipeline": "pipeline",
     "train_default_model": "train",
