@@ -119,6 +119,14 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history(args: argparse.Namespace) -> int:
+    from budcache_pipeline.registry import alias_history
+
+    table = alias_history(args.model)
+    print(table.to_string(index=False, na_rep="-") if not table.empty else f"'{args.model}': production never moved")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from budcache_pipeline.registry import verify
 
@@ -204,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--steps", type=_positive_int, help="refuse policies made for another number of steps")
     pull.add_argument("--allow-unverified", action="store_true", help=_UNVERIFIED_HELP)
     pull.set_defaults(handler=_pull)
+
+    history = commands.add_parser("history", help="every move of alias `production`: when, which version, by whom")
+    history.add_argument("--model", required=True, help="registered model name")
+    history.set_defaults(handler=_history)
 
     verify = commands.add_parser(
         "verify", help="audit a registered version against the registry's digests; writes nothing, exit 0/1"

@@ -14,6 +14,7 @@ One module per concern: `store` (URIs, client, lookups), `ladder` (ladder folder
 from budcache_pipeline.registry.ladder import load_ladder, pick_policy, write_ladder
 from budcache_pipeline.registry.promotion import (
     PromotionResult,
+    alias_history,
     format_promotion,
     promote,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "RegisteredLadder",
     "RegistryError",
     "VerificationResult",
+    "alias_history",
     "code_version",
     "find_project_root",
     "format_promotion",

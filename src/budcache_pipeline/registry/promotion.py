@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
+import json
+import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,11 +22,17 @@ from budcache_pipeline.policy_ladder_model import holdout_loss
 from budcache_pipeline.registry.store import (
     PRODUCTION_ALIAS,
     RegistryError,
+    find_registered_model,
     find_version,
     not_found,
     open_client,
+    retry_locked,
 )
 from budcache_pipeline.registry.verification import download_ladder
+
+HISTORY_TAG_PREFIX = "production_history."
+"""Registered-model tags, one per move of `production`: `production_history.<UTC time>.v<version>`."""
+_DECISION_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,35 @@ def promote(
         raise RegistryError("a forced promotion needs a reason: pass --reason TEXT")
     client = open_client(tracking_uri)
     target = find_version(client, model_name, version=str(version))
-    current = current_production(client, model_name)
+    for _ in range(_DECISION_ROUNDS):
+        current = current_production(client, model_name)
+        result = _decide(client, model_name, target, current, force, reason, allow_unverified)
+        if not result.promoted or result.previous_version == result.version:
+            return result
+        if _version_of(current_production(client, model_name)) != result.previous_version:
+            continue
+        _move_production(client, result)
+        return result
+    raise RegistryError(
+        f"production of '{model_name}' moved {_DECISION_ROUNDS} times while version {target.version} was being "
+        "compared with it: other promotions are running; try again when they finish"
+    )
+
+
+def _version_of(model_version: ModelVersion | None) -> str | None:
+    return str(model_version.version) if model_version else None
+
+
+def _decide(
+    client: MlflowClient,
+    model_name: str,
+    target: ModelVersion,
+    current: ModelVersion | None,
+    force: bool,
+    reason: str | None,
+    allow_unverified: bool,
+) -> PromotionResult:
+    """Verify both ladders and apply the gate; changes nothing in the registry."""
     with tempfile.TemporaryDirectory() as staging:
         _, candidate = download_ladder(client, target, Path(staging) / "candidate", allow_unverified=allow_unverified)
         production = None
@@ -108,8 +146,7 @@ def promote(
                 client, current, Path(staging) / "production", allow_unverified=allow_unverified
             )
     table = loss_table(candidate, production)
-    previous = str(current.version) if current else None
-
+    previous = _version_of(current)
     if previous == str(target.version):
         refusal = None
         message = f"version {target.version} of '{model_name}' is already production: nothing changed"
@@ -125,25 +162,65 @@ def promote(
         )
     if refusal is not None and force:
         message = f"forced promotion of version {target.version} over version {previous} ({refusal}); reason: {reason}"
-    promoted = refusal is None or force
-    if promoted and previous != str(target.version):
-        client.set_registered_model_alias(model_name, PRODUCTION_ALIAS, target.version)
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        client.set_model_version_tag(model_name, target.version, "promoted_at", stamp)
-        client.set_model_version_tag(model_name, target.version, "promoted_over", previous or "none")
-    if promoted and force:
-        client.set_model_version_tag(model_name, target.version, "promotion_forced", "true")
-        client.set_model_version_tag(model_name, target.version, "promotion_reason", reason)
     return PromotionResult(
         name=model_name,
         version=str(target.version),
         previous_version=previous,
-        promoted=promoted,
+        promoted=refusal is None or force,
         forced=force,
         reason=reason,
         message=message,
         comparison=table,
     )
+
+
+def _move_production(client: MlflowClient, result: PromotionResult) -> None:
+    """Point `production` at the promoted version and record the move: version tags and one history tag.
+
+    History tags are keyed by time and version, so promotions racing each other each add their
+    own entry instead of overwriting one value.
+    """
+    name, version = result.name, result.version
+    moved_at = datetime.now(timezone.utc)
+    entry = {
+        "version": version,
+        "previous": result.previous_version,
+        "at": moved_at.isoformat(timespec="microseconds"),
+        "by": actor(),
+        "forced": result.forced,
+        "reason": result.reason,
+    }
+    writes = {
+        "alias": lambda: client.set_registered_model_alias(name, PRODUCTION_ALIAS, version),
+        "history": lambda: client.set_registered_model_tag(
+            name, f"{HISTORY_TAG_PREFIX}{moved_at.strftime('%Y%m%dT%H%M%S.%fZ')}.v{version}", json.dumps(entry)
+        ),
+        "promoted_at": lambda: client.set_model_version_tag(name, version, "promoted_at", entry["at"]),
+        "promoted_over": lambda: client.set_model_version_tag(
+            name, version, "promoted_over", result.previous_version or "none"
+        ),
+    }
+    if result.forced:
+        writes["promotion_forced"] = lambda: client.set_model_version_tag(name, version, "promotion_forced", "true")
+        writes["promotion_reason"] = lambda: client.set_model_version_tag(
+            name, version, "promotion_reason", result.reason
+        )
+    for what, write in writes.items():
+        retry_locked(write, f"promoting version {version} of '{name}' ({what})")
+
+
+def actor() -> str:
+    """Who moves an alias: `$BUDCACHE_ACTOR` (a CI job, a person) or user@host and the process id."""
+    return os.environ.get("BUDCACHE_ACTOR") or f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def alias_history(model_name: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """Every move of `production` that budcache recorded, oldest first: version, previous, when, by whom."""
+    client = open_client(tracking_uri)
+    model = find_registered_model(client, model_name)
+    entries = [json.loads(value) for key, value in model.tags.items() if key.startswith(HISTORY_TAG_PREFIX)]
+    columns = ["at", "version", "previous", "by", "forced", "reason"]
+    return pd.DataFrame(sorted(entries, key=lambda e: e["at"]), columns=columns)
 
 
 def current_production(client: MlflowClient, name: str) -> ModelVersion | None:

@@ -6,18 +6,33 @@ MLflow 3 refuses the plain file store; `MLFLOW_TRACKING_URI` points both at a se
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
+from mlflow.utils.file_utils import ExclusiveFileLock
+from sqlalchemy.exc import OperationalError
 
 DEFAULT_EXPERIMENT = "budcache"
 CANDIDATE_ALIAS = "candidate"
 PRODUCTION_ALIAS = "production"
+LOCK_ATTEMPTS = 6
+"""Tries of a registry write while an sqlite database stays locked by other writers (backoff 0.5 s, doubling)."""
+LOCK_BACKOFF_SECONDS = 0.5
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_INITIALISED: set[str] = set()
 
 
 class RegistryError(ValueError):
@@ -58,7 +73,61 @@ def open_client(tracking_uri: str | None) -> MlflowClient:
     uri, registry_uri = store_uris(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+    databases = {str(d) for d in (sqlite_database(uri), sqlite_database(registry_uri)) if d is not None}
+    if databases <= _INITIALISED or os.name == "nt":
+        return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+    with ExclusiveFileLock(_init_lock_path(databases)):
+        client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+        client.search_registered_models(max_results=1)
+    _INITIALISED.update(databases)
+    return client
+
+
+def _init_lock_path(databases: set[str]) -> str:
+    """The lock held while this process first opens an sqlite store.
+
+    MLflow's tracking store creates and migrates a new database's tables without a lock, so
+    two jobs starting on a fresh database at once fail ("duplicate column name", alembic's
+    "expected to match one row"). The lock lives in the temporary folder, as MLflow's own for
+    its jobs store does, never beside the database.
+    """
+    digest = hashlib.sha256("\n".join(sorted(databases)).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"budcache-registry-{digest}.lock")
+
+
+def _locked(exc: BaseException) -> bool:
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+def retry_locked(write: Callable[[], _T], what: str) -> _T:
+    """Run one registry write, retrying a bounded number of times while sqlite reports a lock.
+
+    MLflow already waits 20 s on a busy sqlite database per statement; this covers writers
+    that hold it longer (a long registration, a backup). Only idempotent writes (aliases, tags)
+    go through it, so a retry never doubles an effect.
+    """
+    delay, attempt = LOCK_BACKOFF_SECONDS, 1
+    while True:
+        try:
+            return write()
+        except (MlflowException, OperationalError) as exc:
+            if not _locked(exc):
+                raise
+            if attempt == LOCK_ATTEMPTS:
+                raise RegistryError(
+                    f"{what}: the registry database stayed locked by other writers through {LOCK_ATTEMPTS} attempts; "
+                    "nothing was changed by this step: run the command again when the other jobs finish, or serve "
+                    "the registry with `mlflow server` and point MLFLOW_TRACKING_URI at it for many concurrent writers"
+                ) from exc
+            logger.warning(
+                "%s: registry database locked (attempt %d of %d), retrying in %.1f s",
+                what,
+                attempt,
+                LOCK_ATTEMPTS,
+                delay,
+            )
+            time.sleep(delay)
+            delay, attempt = delay * 2, attempt + 1
 
 
 def sqlite_database(uri: str) -> Path | None:
@@ -79,7 +148,17 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
     database = sqlite_database(mlflow.get_tracking_uri())
     location = (database.parent / "mlartifacts" / name).as_uri() if database is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        if not already_exists(exc):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def already_exists(exc: MlflowException) -> bool:
+    """MLflow's answer when another job created the same experiment or registered model first."""
+    return exc.error_code == "RESOURCE_ALREADY_EXISTS"
 
 
 def registered_model_name(model_name: str, steps: int) -> str:
@@ -93,13 +172,19 @@ def not_found(exc: MlflowException) -> bool:
     return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-def find_version(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+def find_registered_model(client: MlflowClient, name: str) -> RegisteredModel:
+    """The registered model `name`, or a RegistryError that says how one comes to exist."""
     try:
-        client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as exc:
         if not not_found(exc):
             raise
         raise RegistryError(f"no registered model named '{name}': run the register pipeline first") from exc
+
+
+def find_version(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+    """A version by number or alias; a missing model, version or alias is a RegistryError naming the fix."""
+    find_registered_model(client, name)
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)

@@ -30,11 +30,13 @@ from budcache_pipeline.registry.store import (
     CANDIDATE_ALIAS,
     DEFAULT_EXPERIMENT,
     RegistryError,
+    already_exists,
     experiment_id,
     find_project_root,
     not_found,
     open_client,
     registered_model_name,
+    retry_locked,
 )
 from budcache_pipeline.registry.verification import (
     DIGEST_TAG_PREFIX,
@@ -164,16 +166,7 @@ def register_ladder(
         digests = _model_digests(client, info.model_id, ladder_dir, Path(staging) / "stored")
     digest_tags = {f"{DIGEST_TAG_PREFIX}{path}": digest for path, digest in sorted(digests.items())}
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in digest_tags.items()])
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if not not_found(exc):
-            raise
-        client.create_registered_model(
-            name,
-            tags={"model_name": first.model_name, "steps": str(first.steps)},
-            description=f"budcache cache-policy ladders for {first.model_name} at {first.steps} steps",
-        )
+    _create_registered_model(client, name, first)
     tags = {
         "code_version": code_version,
         "dvc_data_hash": data_hash,
@@ -185,8 +178,30 @@ def register_ladder(
         **digest_tags,
     }
     version = mlflow.register_model(info.model_uri, name, tags=tags)
-    client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
+    retry_locked(
+        lambda: client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version),
+        f"setting {name}@{CANDIDATE_ALIAS} to version {version.version}",
+    )
     return RegisteredLadder(name=name, version=str(version.version), run_id=run_id, model_uri=info.model_uri)
+
+
+def _create_registered_model(client: MlflowClient, name: str, first: CachePolicy) -> None:
+    """The registered model of a ladder, created unless it exists (another job may create it at the same moment)."""
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as exc:
+        if not not_found(exc):
+            raise
+    try:
+        client.create_registered_model(
+            name,
+            tags={"model_name": first.model_name, "steps": str(first.steps)},
+            description=f"budcache cache-policy ladders for {first.model_name} at {first.steps} steps",
+        )
+    except MlflowException as exc:
+        if not already_exists(exc):
+            raise
 
 
 def _model_digests(client: MlflowClient, model_id: str, ladder_dir: Path, directory: Path) -> dict[str, str]:
