@@ -168,3 +168,29 @@ def test_load_policy_refuses_another_architecture_and_warns_on_other_weights(tmp
         transformer.proj_out.weight.mul_(1.01)
     with pytest.warns(UserWarning, match="fine-tune or a fused LoRA"):
         load_policy(path, transformer)
+
+
+def test_policy_size_and_nesting_are_bounded_before_parsing(tmp_path):
+    from budcache_pipeline.policy import MAX_POLICY_CHARS, MAX_POLICY_DEPTH
+
+    valid = CachePolicy.uniform(10, 4, "m", "f")
+    huge = valid.to_json().replace('"provenance": {}', f'"provenance": {{"pad": "{"x" * MAX_POLICY_CHARS}"}}')
+    with pytest.raises(PolicyError, match="over the 1,000,000 a policy may have"):
+        CachePolicy.from_json(huge)
+    deep = valid.to_json().replace('"provenance": {}', '"provenance": ' + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PolicyError, match=f"nests 100001 levels deep, over the {MAX_POLICY_DEPTH}"):
+        CachePolicy.from_json(deep)
+    quoted = {"note": '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[ \\" {{{{{{{{{{{{{{{{{{{{{{{{'}
+    assert CachePolicy.from_json(valid.with_provenance(**quoted).to_json()).provenance == quoted
+    binary = tmp_path / "budget_4.json"
+    binary.write_bytes(b"\x80\x04\x95 a pickle, not JSON")
+    with pytest.raises(PolicyError, match="not UTF-8 text"):
+        load_policy(binary)
+
+
+def test_a_constructed_policy_with_wrong_types_raises_policy_error():
+    for mask in ([None], 5, [1, 0], []):
+        with pytest.raises(PolicyError, match="mask"):
+            CachePolicy(mask=mask, model_name="m", model_fingerprint="f")
+    with pytest.raises(PolicyError, match="sigmas"):
+        CachePolicy(mask=[True, False], model_name="m", model_fingerprint="f", sigmas=[1.0, {"a": 1}, 0.0])

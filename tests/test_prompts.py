@@ -292,3 +292,11 @@ def test_a_symlink_out_of_the_data_folder_is_refused_and_one_inside_is_read(tmp_
     shared = write(tmp_path / "project" / "data" / "shared.csv", ROWS)
     (raw / "inside.csv").symlink_to(shared)
     assert read_prompts(raw / "inside.csv")["prompt"].tolist() == [row["prompt"] for row in ROWS]
+
+
+def test_a_csv_with_a_ragged_row_is_refused_naming_the_fix(tmp_path):
+    path = tmp_path / "data" / "prompts.csv"
+    path.parent.mkdir()
+    path.write_text("prompt\na red apple\na cat, sitting\n")
+    with pytest.raises(PromptFileError, match=r"is not valid CSV .*quote prompts that contain commas"):
+        read_prompts(path)

@@ -436,3 +436,53 @@ def test_load_ladder_refuses_unlisted_and_renamed_files(tmp_path):
 
 def test_code_version_names_the_package_version():
     assert registry.code_version().startswith("0.1.0")
+
+
+PLANTED = {
+    "a pickle": ("artifacts/ladder/policy.pkl", b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00."),
+    "python code": ("artifacts/ladder/sitecustomize.py", b"import os\nos.system('echo owned')\n"),
+}
+
+
+@pytest.mark.parametrize(("relative", "content"), list(PLANTED.values()), ids=list(PLANTED))
+def test_a_pickle_or_python_file_planted_in_a_registered_version_is_refused_unread(uri, tmp_path, relative, content):
+    registered = register(uri, {5: 0.3}, model=f"planted-{Path(relative).suffix[1:]}")
+    planted = model_artifacts(uri, registered.name, registered.version) / relative
+    planted.write_bytes(content)
+    with pytest.raises(RegistryError, match=re.escape(f"added: ['{relative}']")):
+        registry.pull(registered.name, "candidate", tmp_path / "out", tracking_uri=uri)
+    assert not (tmp_path / "out").exists()
+    result = registry.verify(registered.name, version=registered.version, tracking_uri=uri)
+    assert not result.ok and f"added: ['{relative}']" in result.message
+    # Even a version accepted unverified never copies nor loads anything but listed policy JSON files.
+    ladder_dir = planted.parent
+    with pytest.raises(RegistryError, match="not listed"):
+        registry.load_ladder(_with_file(ladder_dir, tmp_path / "copy", "budget_9.json", b"{}"))
+
+
+def _with_file(source: Path, target: Path, name: str, content: bytes) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    (target / name).write_bytes(content)
+    return target
+
+
+def test_a_symbolic_link_in_a_registered_version_or_a_ladder_is_refused(uri, tmp_path):
+    registered = register(uri, {5: 0.3}, model="symlinked")
+    ladder_dir = model_artifacts(uri, registered.name, registered.version) / "artifacts" / "ladder"
+    (ladder_dir / "budget_5.json").unlink()
+    (ladder_dir / "budget_5.json").symlink_to("/dev/zero")
+    result = registry.verify(registered.name, version=registered.version, tracking_uri=uri)
+    assert not result.ok
+    with pytest.raises(RegistryError, match="symbolic link"):
+        registry.load_ladder(ladder_dir)
+
+
+def test_pulled_files_cannot_escape_the_output_folder(tmp_path):
+    ladder_dir = tmp_path / "ladder"
+    registry.write_ladder(ladder({5: 0.3}), ladder_dir)
+    for name in ("../budget_5.json", "/tmp/budget_5.json", "sub/budget_5.json"):
+        (ladder_dir / "SHA256SUMS").write_text(f"{'0' * 64}  {name}\n")
+        with pytest.raises(RegistryError, match="is not '<sha256>  budget_<B>.json'"):
+            registry.load_ladder(ladder_dir)

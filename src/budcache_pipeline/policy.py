@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
@@ -109,8 +110,14 @@ class CachePolicy:
     model_weights: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mask, (list, tuple)):
+            raise PolicyError(f"field 'mask' is {type(self.mask).__name__}: give a list of true/false values")
         object.__setattr__(self, "mask", tuple(self.mask))
+        _check_mask_entries(self.mask)
+        if isinstance(self.provenance, dict):
+            object.__setattr__(self, "provenance", _round_floats(self.provenance))
         if self.sigmas is not None:
+            _check_sigma_entries(self.sigmas)
             object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
         _validate(self.to_dict())
 
@@ -191,11 +198,48 @@ class CachePolicy:
 
     @classmethod
     def from_json(cls, text: str) -> CachePolicy:
+        """Parse a policy; text over MAX_POLICY_CHARS or nested deeper than MAX_POLICY_DEPTH is refused unparsed."""
+        if len(text) > MAX_POLICY_CHARS:
+            raise PolicyError(
+                f"policy is {len(text):,} characters, over the {MAX_POLICY_CHARS:,} a policy may have: "
+                "it is not a policy written by CachePolicy.save"
+            )
+        depth = _nesting_depth(text)
+        if depth > MAX_POLICY_DEPTH:
+            raise PolicyError(f"policy JSON nests {depth} levels deep, over the {MAX_POLICY_DEPTH} a policy may use")
         try:
             data = json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
             raise PolicyError(f"policy is not valid JSON ({exc}): write it with CachePolicy.save") from exc
         return cls.from_dict(data)
+
+
+MAX_POLICY_CHARS = 1_000_000
+"""A policy of 10,000 steps with its provenance is under 300 kB; anything larger is not one."""
+MAX_POLICY_DEPTH = 16
+"""Policies nest a few levels (provenance.search.*); checked before parsing, so no input exhausts the stack."""
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON text, outside strings (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def _reject_constant(name: str) -> float:
@@ -257,8 +301,7 @@ def _validate(data: Any) -> None:
 
     mask, steps, budget = data["mask"], data["steps"], data["budget"]
     _require_type("mask", mask, list, "a list of booleans")
-    if not mask or not all(isinstance(m, bool) for m in mask):
-        raise PolicyError("field 'mask' must be a non-empty list of true/false values, one per step")
+    _check_mask_entries(mask)
     _require_type("steps", steps, int, "an integer")
     _require_type("budget", budget, int, "an integer")
     if len(mask) != steps:
@@ -273,8 +316,7 @@ def _validate(data: Any) -> None:
     sigmas = data["sigmas"]
     if sigmas is not None:
         _require_type("sigmas", sigmas, list, "a list of numbers or null")
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas):
-            raise PolicyError("field 'sigmas' must contain only numbers")
+        _check_sigma_entries(sigmas)
         if not all(math.isfinite(s) for s in sigmas):
             raise PolicyError("field 'sigmas' contains NaN or infinity: use finite values")
         if len(sigmas) != steps + 1:
@@ -299,6 +341,18 @@ def _validate(data: Any) -> None:
     _round_floats(provenance)
 
 
+def _check_mask_entries(mask: Sequence[Any]) -> None:
+    if not mask or not all(isinstance(m, bool) for m in mask):
+        raise PolicyError("field 'mask' must be a non-empty list of true/false values, one per step")
+
+
+def _check_sigma_entries(sigmas: Any) -> None:
+    if not isinstance(sigmas, (list, tuple)) or not all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas
+    ):
+        raise PolicyError("field 'sigmas' must contain only numbers")
+
+
 def load_policy(path: str | Path, transformer: torch.nn.Module | None = None) -> CachePolicy:
     """Read and validate a policy file; raises PolicyError naming the field and the fix.
 
@@ -308,7 +362,13 @@ def load_policy(path: str | Path, transformer: torch.nn.Module | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise PolicyError(f"policy file {path} does not exist")
-    policy = CachePolicy.from_json(path.read_text())
+    if path.stat().st_size > MAX_POLICY_CHARS * 4:
+        raise PolicyError(f"{path} is {path.stat().st_size:,} bytes: too large to be a policy")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path} is not UTF-8 text: it is not a policy written by CachePolicy.save") from exc
+    policy = CachePolicy.from_json(text)
     if transformer is not None:
         found = model_fingerprint(transformer)
         if found != policy.model_fingerprint:

@@ -46,6 +46,9 @@ def read_ladder(directory: str | Path) -> dict[int, bytes]:
     """
     directory = Path(directory)
     checksums_path = directory / CHECKSUMS_FILE
+    links = sorted(p.name for p in directory.iterdir() if p.is_symlink()) if directory.is_dir() else []
+    if links:
+        raise LadderIntegrityError(f"{directory} holds symbolic links {links}: a ladder is plain files only")
     if not checksums_path.is_file():
         raise LadderIntegrityError(f"{checksums_path} is missing: the ladder cannot be verified")
     expected: dict[str, str] = {}

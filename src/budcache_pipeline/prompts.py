@@ -93,7 +93,13 @@ def _read_frame(path: Path, suffix: str) -> pd.DataFrame:
     if suffix == ".csv":
         if not path.read_bytes().strip():
             return pd.DataFrame({"prompt": []}, dtype=object)
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8")
+        try:
+            return pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8")
+        except pd.errors.ParserError as exc:
+            raise PromptFileError(
+                f"prompt file {path} is not valid CSV ({' '.join(str(exc).split())}): "
+                'quote prompts that contain commas ("a cat, sitting") or use one prompt a line in a .txt file'
+            ) from exc
     if suffix == ".jsonl":
         return _read_jsonl(path)
     return pd.read_parquet(path)

@@ -49,18 +49,33 @@ class VerificationResult:
     message: str
 
 
+MAX_ARTIFACT_BYTES = 64 * 2**20
+"""No file of a registered version comes near this (the model code, MLmodel, a few kB of policies)."""
+
+
 def file_digests(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory`, keyed by its POSIX path relative to it.
 
     Leaves out `registered_model_meta` (the registered name and version): MLflow writes it
     into a version's folder of a local artifact store whenever the model is loaded by its
-    `models:/` URI, and nothing budcache does reads it.
+    `models:/` URI, and nothing budcache does reads it. A symbolic link or a file over
+    MAX_ARTIFACT_BYTES is refused before anything is read from it.
     """
-    return {
-        path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.relative_to(directory).as_posix() != REGISTERED_MODEL_META_FILE_NAME
-    }
+    digests = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            raise RegistryError(f"{relative} in the artifact store is a symbolic link: versions hold plain files")
+        if not path.is_file() or relative == REGISTERED_MODEL_META_FILE_NAME:
+            continue
+        if path.stat().st_size > MAX_ARTIFACT_BYTES:
+            raise RegistryError(
+                f"{relative} in the artifact store is {path.stat().st_size:,} bytes, over the {MAX_ARTIFACT_BYTES:,} "
+                "any file of a policy ladder could be: do not deploy this version"
+            )
+        with path.open("rb") as handle:
+            digests[relative] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
 
 
 def recorded_digests(model_version: ModelVersion) -> dict[str, str]:
