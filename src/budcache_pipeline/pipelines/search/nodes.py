@@ -32,6 +32,13 @@ def calibration_subset(prompts: pd.DataFrame, reference: ReferenceSet, size: int
             f"{len(missing)} calibration prompt(s) have no teacher (e.g. {missing[0]!r}): "
             "run `kedro run --pipelines reference` again"
         )
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"calibration_size must be a positive integer or null (all prompts), got {size!r}")
+    if size is not None and size > len(prompts):
+        logger.warning(
+            "calibration_size %d is more than the %d calibration prompts: searching on all of them "
+            "(add prompts to the prompt file or lower calibration_size)", size, len(prompts),
+        )
     if size is None or size >= len(prompts):
         return sorted(index[(p, int(s))] for p, s in zip(prompts["prompt"], prompts["seed"]))
     groups = [list(group.itertuples(index=False)) for _, group in prompts.groupby("category", sort=True)]
