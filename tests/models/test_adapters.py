@@ -136,6 +136,7 @@ def test_a_policy_with_another_schedule_is_refused_by_wan():
         ({"adapter": "flux", "weights": "tiny", "offload": "disk"}, "not one of"),
         ({"adapter": "flux", "wieghts": "tiny"}, "unknown model settings \\['wieghts'\\]"),
         ({"adapter": "flux", "steps": 0}, "at least 1"),
+        ({"adapter": "flux", "steps": -4}, "model.steps must be at least 1, got -4"),
     ],
 )
 def test_bad_model_settings_name_the_field_and_the_fix(params, message):
