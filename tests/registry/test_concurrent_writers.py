@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from budcache_pipeline import registry
+from budcache_pipeline.console import main
 from budcache_pipeline.registry import store
 from tests.registry.writer import STEPS, ladder
 
@@ -111,7 +112,7 @@ def test_two_registrations_at_once_land_as_distinct_versions(uri, request):
     assert all(str(v) in {"1", "2"} for v in losses)
 
 
-def test_racing_promotions_leave_production_on_one_and_the_history_says_who_moved_it(uri, request):
+def test_racing_promotions_leave_production_on_one_and_the_history_says_who_moved_it(uri, request, monkeypatch, capsys):
     model = _model(request)
     name = registry.registered_model_name(model, STEPS)
     versions = [
@@ -132,6 +133,11 @@ def test_racing_promotions_leave_production_on_one_and_the_history_says_who_move
     assert history["by"].str.contains(" pid ").all() and history["at"].is_monotonic_increasing
     # Each promotion compared itself with the production it replaced, so the better ladder wins in either order.
     assert production == versions[2]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    capsys.readouterr()
+    assert main(["history", "--model", name]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:4] == ["at", "version", "previous", "by"] and len(printed) == 1 + moves
 
 
 def test_a_deployment_reading_production_during_20_promotions_never_gets_a_broken_ladder(uri, request, tmp_path):
