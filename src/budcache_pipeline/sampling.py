@@ -62,13 +62,15 @@ def rollout(
     mask: Sequence[bool] | None = None,
     start: RolloutState | None = None,
     capture: Iterable[int] = (),
+    check_finite: bool = False,
 ) -> Rollout:
     """Run steps `start.step` (or 0) to the end under `mask`, capturing the states after the steps in `capture`.
 
     `schedule` is the pipeline's solver (`adapter.solver(sigmas)`) or plain sigmas for
     flow-matching Euler. With `runtime=None` the transformer runs as it is (uncached, or
     under another cache such as diffusers' own hooks). Euler sigmas may require grad:
-    schedule alignment backpropagates through the rollout.
+    schedule alignment backpropagates through the rollout. `check_finite` stops at the first
+    step whose latents hold NaN or inf (`NonFiniteLatents` names the step and the rows).
     """
     solver = as_solver(schedule)
     steps = solver.steps
@@ -93,10 +95,26 @@ def rollout(
     states: dict[int, RolloutState] = {}
     for i in range(begin, steps):
         x, state = solver.step(i, x, denoiser.velocity(x, solver.timestep(i)), state)
+        if check_finite:
+            _check_finite(x, i)
         if runtime is not None and i + 1 in wanted:
             states[i + 1] = RolloutState(i + 1, x, runtime.snapshot(), state)
     computed = steps if runtime is None else max(runtime.compute_counts().values(), default=0)
     return Rollout(final=x, states=states, computed_steps=computed)
 
 
-__all__ = ["Denoiser", "Rollout", "RolloutState", "as_solver", "euler_step", "rollout"]
+class NonFiniteLatents(FloatingPointError):
+    """The model produced NaN or inf: `step` is the first such step, `rows` the samples affected."""
+
+    def __init__(self, step: int, rows: list[int]) -> None:
+        super().__init__(f"latents hold NaN or inf after step {step} in batch row(s) {rows}")
+        self.step, self.rows = step, rows
+
+
+def _check_finite(latents: torch.Tensor, step: int) -> None:
+    finite = torch.isfinite(latents.detach()).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        raise NonFiniteLatents(step, (~finite).nonzero().flatten().tolist())
+
+
+__all__ = ["Denoiser", "NonFiniteLatents", "Rollout", "RolloutState", "as_solver", "euler_step", "rollout"]

@@ -89,3 +89,23 @@ def test_same_architecture_with_other_weights_is_caught_by_the_teacher_check(ref
     retrained = make_adapter(seed=1)
     with pytest.raises(ReferenceSetError, match="other weights"):
         MaskObjective(retrained, reference).teacher_latents()
+
+
+def test_a_model_that_outputs_nan_stops_the_run_naming_the_step_and_the_prompt(adapter, tmp_path, monkeypatch):
+    real = adapter.velocity
+    calls = {"n": 0}
+
+    def nan_at_the_fifth_step_of_the_second_batch(conditioning, latents, timestep):
+        calls["n"] += 1
+        out = real(conditioning, latents, timestep)
+        if calls["n"] == STEPS + 5:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(adapter, "velocity", nan_at_the_fifth_step_of_the_second_batch)
+    with pytest.raises(ReferenceSetError, match=rf"NaN or inf at sampling step 5 of {STEPS} for \(prompt, seed\) "
+                       rf"\[\('a nine', 3\)\]: check the weights, the dtype"):
+        compute_reference(adapter, PROMPTS, SEEDS, STEPS, square(SIZE), out_dir=tmp_path, batch_size=2, progress=False)
+    assert (tmp_path / "batch_00000.safetensors").is_file(), "the batch written before is kept"
+    assert not (tmp_path / "batch_00001.safetensors").exists()

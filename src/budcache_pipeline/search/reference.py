@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from budcache_pipeline.caching import get_runtime
 from budcache_pipeline.models.adapter import BoundDenoiser, Conditioning, Size
 from budcache_pipeline.policy import model_fingerprint
-from budcache_pipeline.sampling import rollout
+from budcache_pipeline.sampling import NonFiniteLatents, rollout
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2
@@ -238,8 +238,19 @@ def compute_reference(
         else:
             end = begin + batch_size
             conditioning, noise = adapter.prepare(prompts[begin:end], seeds[begin:end], size)
-            with torch.inference_mode():
-                final = rollout(BoundDenoiser(adapter, conditioning), None, noise.to(adapter.latent_dtype), solver).final
+            try:
+                with torch.inference_mode():
+                    denoiser = BoundDenoiser(adapter, conditioning)
+                    latents = noise.to(adapter.latent_dtype)
+                    final = rollout(denoiser, None, latents, solver, check_finite=True).final
+            except NonFiniteLatents as exc:
+                pairs = [(prompts[begin + r], seeds[begin + r]) for r in exc.rows]
+                raise ReferenceSetError(
+                    f"the model output NaN or inf at sampling step {exc.step + 1} of {steps} "
+                    f"for (prompt, seed) {pairs[:3]}"
+                    f"{' and more' if len(pairs) > 3 else ''}: check the weights, the dtype (float16 overflows; "
+                    "use bfloat16 or float32) and the guidance scale; batches already written are kept"
+                ) from exc
             noise, final, conditioning = noise.detach().cpu(), final.detach().cpu(), conditioning.to("cpu")
             if path is not None:
                 if number == 0:
