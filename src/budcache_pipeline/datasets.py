@@ -119,6 +119,32 @@ class FigureDataset(AbstractDataset["Figure | dict[str, Figure]", list[Path]]):
         return {"filepath": str(self._filepath), "dpi": self._dpi}
 
 
+class FileDataset(AbstractDataset[None, Path]):
+    """A file that another catalog entry writes, loaded as its path, for a node that uploads the file itself.
+
+    Used as the `<name>@file` view of `<name>@<format>` (Kedro transcoding): both are one dataset
+    to the DAG, so the uploading node runs after the node that writes the file.
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> Path:
+        if not self._filepath.is_file():
+            raise DatasetError(f"{self._filepath} does not exist: run the pipeline that writes it first")
+        return self._filepath
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{self._filepath} is written through its other catalog entry, not this file view")
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
 class PolicyDataset(AbstractDataset[CachePolicy, CachePolicy]):
     """One cache policy as its canonical JSON (`CachePolicy.to_json`), never a pickle.
 
