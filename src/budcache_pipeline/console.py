@@ -12,13 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from budcache_pipeline.atomic import write_text_atomic
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _write_json(data: dict, path: str | None) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         print(f"wrote {path}")
 
 
@@ -46,8 +47,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
     result = bench_quality(forecast=args.forecast, out_dir=args.figures)
     print(format_quality_table(result))
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(result["rows"]).to_csv(args.csv, index=False)
+        write_text_atomic(args.csv, pd.DataFrame(result["rows"]).to_csv(index=False))
         print(f"wrote {args.csv}")
     _write_json(result, args.json)
     return 0

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from budcache_pipeline.atomic import write_text_atomic
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 _FLOAT_DIGITS = 9
@@ -177,10 +178,8 @@ class CachePolicy:
         return json.dumps(_round_floats(self.to_dict()), sort_keys=True, indent=2) + "\n"
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
+        """Write the canonical JSON atomically: a killed job never leaves a truncated policy behind."""
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def from_dict(cls, data: Any) -> CachePolicy:

@@ -20,6 +20,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from budcache_pipeline.atomic import atomic_path  # noqa: E402
+
 TABLE_COLUMNS = (
     "method",
     "budget",
@@ -41,8 +43,8 @@ def _finish(figure: Figure, path: str | Path | None) -> Figure:
     figure.tight_layout()
     if path is not None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(figure)
     return figure
 

@@ -17,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 from kedro.framework.cli.cli import KedroCLI
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 
 from budcache_pipeline.pipeline_registry import BUDGETS_ENV, configured_budgets, register_pipelines
 from budcache_pipeline.policy import load_policy
@@ -181,3 +182,31 @@ def test_dvc_repro_runs_everything_then_nothing_and_a_parameter_touches_only_its
     assert all(f"Stage '{stage}' didn't change" in planned for stage in ("ingest", "reference"))
     status = run(project, dvc, "status", env=env).stdout
     assert "search.sa_iterations" in status and "reference:" not in status
+
+
+def test_register_takes_plots_tables_and_calibrations_from_the_catalog_and_runs_after_their_writers(monkeypatch):
+    monkeypatch.setenv(BUDGETS_ENV, "5,3")
+    pipelines = register_pipelines()
+    files = {"pareto_plot", "mask_map_plot", "convergence_plots", "sample_grid_plots"}
+    files |= {"metrics_table_csv@file", "baseline_calibrations@file"}
+    assert files <= pipelines["register"].inputs()
+    order = [node.name for node in pipelines["__default__"].nodes]
+    writers = ("evaluate_ladder", "plot_pareto", "plot_mask_map", "plot_convergence", "plot_sample_grids")
+    assert all(order.index(writer) < order.index("register_ladder") for writer in writers)
+
+
+def test_the_run_logs_the_plots_tables_and_calibrations_the_pipeline_wrote(reduced_run, tmp_path):
+    registration = json.loads((reduced_run / "data" / "08_reporting" / "registration.json").read_text())
+    uri = environment(reduced_run)["MLFLOW_TRACKING_URI"]
+    logged = Path(download_artifacts(run_id=registration["run_id"], dst_path=str(tmp_path), tracking_uri=uri))
+    plots = reduced_run / "data" / "08_reporting" / "plots"
+    written = {
+        **{f"plots/{p.relative_to(plots).as_posix()}": p for p in plots.rglob("*.png")},
+        "metrics.csv": reduced_run / "data" / "08_reporting" / "metrics.csv",
+        "baseline_calibrations.json": reduced_run / "data" / "07_model_output" / "baseline_calibrations.json",
+    }
+    assert {"plots/pareto.png", "plots/mask_map.png", "plots/convergence/budget_5.png"} <= set(written)
+    uploaded = {p.relative_to(logged).as_posix() for p in (logged / "plots").rglob("*") if p.is_file()}
+    assert uploaded == {name for name in written if name.startswith("plots/")}
+    for name, path in written.items():
+        assert (logged / name).read_bytes() == path.read_bytes(), name

@@ -22,7 +22,6 @@ compositions than the uninterrupted search's, so they agree within that toleranc
 from __future__ import annotations
 
 import json
-import os
 import random
 import statistics
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from budcache_pipeline.atomic import write_text_atomic
 from budcache_pipeline.policy import CachePolicy, provenance_now
 from budcache_pipeline.search.annealing import AnnealState, anneal_many, evaluate_many
 from budcache_pipeline.search.hill_climbing import CONFIRM, FAR_JUMPS, ClimbState, climb_round
@@ -145,10 +145,7 @@ class _Checkpoint:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data))
 
 
 class _CostMeter:

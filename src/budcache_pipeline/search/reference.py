@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from budcache_pipeline.atomic import atomic_folder, write_bytes_atomic, write_text_atomic
 from budcache_pipeline.caching import get_runtime
 from budcache_pipeline.models.adapter import BoundDenoiser, Conditioning, Size
 from budcache_pipeline.policy import model_fingerprint
@@ -189,9 +188,7 @@ def _check_manifest(found: dict[str, Any], expected: dict[str, Any], where: Path
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
 
 
 def compute_reference(
@@ -227,7 +224,7 @@ def compute_reference(
         if manifest_path.exists():
             _check_manifest(json.loads(manifest_path.read_text()), manifest, out_dir)
         else:
-            _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     solver = adapter.solver(sigmas)
     noises, finals, conditionings = [], [], []
     starts = range(0, len(prompts), batch_size)
@@ -274,11 +271,11 @@ def save_reference(reference: ReferenceSet, out_dir: Path | str) -> None:
     The folder is written beside the target and swapped in by renames, so a crash leaves
     either the old reference or the new one, never a mix of their batches.
     """
-    out_dir = Path(out_dir)
-    staging, retired = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    for leftover in (staging, retired):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with atomic_folder(out_dir) as staging:
+        _write_reference(reference, staging)
+
+
+def _write_reference(reference: ReferenceSet, staging: Path) -> None:
     batch_size = int(reference.manifest.get("batch_size") or len(reference))
     conditioning = reference.conditioning
     if conditioning is not None:
@@ -299,17 +296,7 @@ def save_reference(reference: ReferenceSet, out_dir: Path | str) -> None:
         "count": len(reference),
         "batch_size": batch_size,
     }
-    _write_atomic(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        os.replace(out_dir, retired)
-    os.replace(staging, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _read_batch(path: Path, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor, Conditioning | None]:

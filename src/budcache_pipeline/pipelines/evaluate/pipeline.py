@@ -47,7 +47,7 @@ def create_pipeline(budgets: Iterable[int] = (), **kwargs: object) -> Pipeline:
                     "params:model",
                     "params:evaluate",
                 ],
-                outputs=["metrics_table", "metrics_table_csv", "baseline_calibrations", "evaluation_samples"],
+                outputs=["metrics_table", "metrics_table_csv@pandas", "baseline_calibrations@json", "evaluation_samples"],
                 name="evaluate_ladder",
             ),
             Node(

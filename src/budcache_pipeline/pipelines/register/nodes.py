@@ -6,7 +6,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,27 @@ def by_budget(budgets: tuple[int, ...]) -> Callable[..., dict[int, Any]]:
         return dict(zip(budgets, items))
 
     return collect_by_budget
+
+
+def collect_files(*groups: list[Path]) -> list[Path]:
+    """The files of several catalog entries (e.g. each plot dataset's PNGs) as one list."""
+    return [path for group in groups for path in group]
+
+
+def collect_tables(*paths: Path) -> list[Path]:
+    """The table files (one path each, from `<name>@file` views) as one list."""
+    return list(paths)
+
+
+def _stage_folder(files: list[Path], staging: Path, name: str) -> Path:
+    """Copies of `files` in `staging/<name>`, laid out as below their common folder, to log as one artifact folder."""
+    folder = staging / name
+    base = Path(os.path.commonpath([f.parent for f in files]))
+    for path in files:
+        target = folder / path.relative_to(base)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return folder
 
 
 def dvc_md5(path: Path) -> str:
@@ -89,9 +113,14 @@ def register_policies(
     reference_summary: dict[str, Any],
     ingest_summary: dict[str, Any],
     parameters: dict[str, Any],
+    plots: list[Path],
+    tables: list[Path],
 ) -> dict[str, Any]:
     """Log one MLflow run (every parameter, metrics, plots, tables, policies) and register the ladder as
-    a new version with alias `candidate`, tagged with code version, DVC data hash and model fingerprint."""
+    a new version with alias `candidate`, tagged with code version, DVC data hash and model fingerprint.
+
+    `plots` (logged under `plots/`) and `tables` (metrics.csv, calibrations) come from the catalog, so
+    the DAG runs this node after the nodes that write them and it uploads exactly those files."""
     # mlflow takes seconds to import; only this node needs it, so other pipelines start faster.
     from budcache_pipeline.registry import CANDIDATE_ALIAS, code_version, find_project_root, log_run, register_ladder
 
@@ -128,15 +157,16 @@ def register_policies(
         "data": {"source": data["source"], **data["paths"]},
     }
     tags = {"code_version": version, "dvc_data_hash": data["hash"], "model_fingerprint": fingerprint}
-    run_id = log_run(
-        run_params,
-        metrics,
-        artifacts=[root / p for p in params["artifacts"]],
-        policies=ladder,
-        experiment=str(params["experiment"]),
-        run_name=params.get("run_name") or f"{parameters['model'].get('name') or parameters['model']['adapter']} B={run_params['budgets']}",
-        tags=tags,
-    )
+    with tempfile.TemporaryDirectory() as staging:
+        run_id = log_run(
+            run_params,
+            metrics,
+            artifacts=[_stage_folder(plots, Path(staging), "plots"), *tables, *(root / p for p in params["artifacts"])],
+            policies=ladder,
+            experiment=str(params["experiment"]),
+            run_name=params.get("run_name") or f"{parameters['model'].get('name') or parameters['model']['adapter']} B={run_params['budgets']}",
+            tags=tags,
+        )
     registered = register_ladder(
         ladder, code_version=version, data_hash=data["hash"], run_id=run_id, experiment=str(params["experiment"])
     )

@@ -5,8 +5,17 @@ from collections.abc import Iterable
 from kedro.pipeline import Node, Pipeline
 
 from budcache_pipeline.pipelines.evaluate.nodes import collect_ladder
-from budcache_pipeline.pipelines.register.nodes import by_budget, register_policies
+from budcache_pipeline.pipelines.register.nodes import (
+    by_budget,
+    collect_files,
+    collect_tables,
+    register_policies,
+)
 from budcache_pipeline.pipelines.search.pipeline import budget_namespace
+
+PLOTS = ("pareto_plot", "mask_map_plot", "convergence_plots", "sample_grid_plots")
+TABLES = ("metrics_table_csv@file", "baseline_calibrations@file")
+"""The evaluate pipeline's files that the run logs, as catalog inputs so `register` runs after them."""
 
 
 def create_pipeline(budgets: Iterable[int] = (), **kwargs: object) -> Pipeline:
@@ -33,6 +42,13 @@ def create_pipeline(budgets: Iterable[int] = (), **kwargs: object) -> Pipeline:
                 name="collect_alignment_reports",
             ),
             Node(
+                collect_files,
+                inputs=list(PLOTS),
+                outputs="registered_plots",
+                name="collect_plots",
+            ),
+            Node(collect_tables, inputs=list(TABLES), outputs="registered_tables", name="collect_tables"),
+            Node(
                 register_policies,
                 inputs=[
                     "final_ladder",
@@ -42,6 +58,8 @@ def create_pipeline(budgets: Iterable[int] = (), **kwargs: object) -> Pipeline:
                     "reference_summary",
                     "ingest_summary",
                     "parameters",
+                    "registered_plots",
+                    "registered_tables",
                 ],
                 outputs="registration",
                 name="register_ladder",
