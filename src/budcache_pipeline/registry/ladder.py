@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from budcache_pipeline.atomic import write_bytes_atomic, write_text_atomic
 from budcache_pipeline.policy import CachePolicy, PolicyError, load_policy
 from budcache_pipeline.policy_ladder_model import (
     CHECKSUMS_FILE,
@@ -42,8 +43,8 @@ def write_ladder(policies: Mapping[int, CachePolicy] | Iterable[CachePolicy], di
     directory.mkdir(parents=True, exist_ok=True)
     files = {policy_file_name(b): p.to_json().encode("utf-8") for b, p in sorted(ladder.items())}
     for name, data in files.items():
-        (directory / name).write_bytes(data)
-    (directory / CHECKSUMS_FILE).write_text(checksums_text(files))
+        write_bytes_atomic(directory / name, data)
+    write_text_atomic(directory / CHECKSUMS_FILE, checksums_text(files))
     return [directory / name for name in files]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from budcache_pipeline.atomic import write_bytes_atomic
 from budcache_pipeline.policy_ladder_model import CHECKSUMS_FILE, policy_file_name
 from budcache_pipeline.registry.store import (
     RegistryError,
@@ -50,14 +51,20 @@ def pull(
                     f"{label}: policy for budget {budget} has {policy.steps} steps, the model runs {expect_steps}: "
                     f"pull '{registered_model_name(policy.model_name, expect_steps)}' instead"
                 )
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob("budget_*.json"):
-            stale.unlink()
-        written = []
-        for budget in sorted(ladder):
-            target = out_dir / policy_file_name(budget)
-            target.write_bytes((source / policy_file_name(budget)).read_bytes())
-            written.append(target)
-        (out_dir / CHECKSUMS_FILE).write_bytes((source / CHECKSUMS_FILE).read_bytes())
+        return _write_pulled(source, sorted(ladder), Path(out_dir))
+
+
+def _write_pulled(source: Path, budgets: list[int], out_dir: Path) -> list[Path]:
+    """Each file written atomically, `SHA256SUMS` last, stale policies removed after it.
+
+    A job killed half-way leaves whole files only, and a folder whose files disagree with its
+    `SHA256SUMS` is refused by `load_ladder` instead of being served.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        write_bytes_atomic(out_dir / policy_file_name(b), (source / policy_file_name(b)).read_bytes()) for b in budgets
+    ]
+    write_bytes_atomic(out_dir / CHECKSUMS_FILE, (source / CHECKSUMS_FILE).read_bytes())
+    for stale in set(out_dir.glob("budget_*.json")) - set(written):
+        stale.unlink()
     return written
