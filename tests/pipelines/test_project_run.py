@@ -1,7 +1,7 @@
 """The whole product on a reduced configuration: `kedro run`, pipeline order, `dvc repro`.
 
-`dvc repro` runs each stage's `kedro run --pipelines <name>`, so its test also shows that
-`search` (and every later pipeline) runs on its own once the pipelines before it have.
+`dvc repro` runs each stage's `kedro run --pipelines <name>` (one budget's namespace for `search@B`
+and `align@B`), so its test also shows that every pipeline runs on its own once those before it have.
 
 `reduced_run` (tests/conftest.py) is the project after one full `kedro run` with two
 budgets (5 and 3 of 10 steps) in a temporary copy with its own sqlite registry.
@@ -9,6 +9,7 @@ budgets (5 and 3 of 10 steps) in a temporary copy with its own sqlite registry.
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -152,33 +153,58 @@ def test_search_before_reference_says_what_to_run_first(fresh_project, flag, mon
     assert "run `kedro run --pipelines reference` first" in str(result.exception)
 
 
-def test_dvc_repro_runs_everything_then_nothing_and_a_parameter_touches_only_its_stage(tmp_path):
+def _set_ladder(project: Path, budgets: tuple[int, ...]) -> None:
+    """Edit `settings.BUDGETS` in the copy, as a user adds a budget (DVC reads the ladder from there)."""
+    settings = project / "src" / "budcache_pipeline" / "settings.py"
+    text = settings.read_text()
+    start = text.index("BUDGETS: list[int] = [")
+    end = text.index("]", start + len("BUDGETS: list[int] = [")) + 1
+    settings.write_text(text[:start] + f"BUDGETS: list[int] = {list(budgets)}" + text[end:])
+
+
+def _timed(project: Path, *command: str, env: dict[str, str]) -> tuple[str, float]:
+    started = time.perf_counter()
+    out = run(project, *command, env=env).stdout
+    return out, time.perf_counter() - started
+
+
+def test_dvc_repro_runs_one_stage_per_budget_then_nothing_and_a_new_budget_runs_alone(tmp_path):
     project = copy_project(tmp_path / "project")
     reduce_configuration(project)
-    env = {**environment(project), "DVC_NO_ANALYTICS": "1"}
+    _set_ladder(project, BUDGETS)
+    env = {**environment(project, budgets=""), "DVC_NO_ANALYTICS": "1"}
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "project"]):
         subprocess.run(command, cwd=project, check=True, capture_output=True)
     dvc = str(Path(env["PATH"].split(":")[0]) / "dvc")
 
     first = run(project, dvc, "repro", env=env).stdout
-    stages = ("ingest", "reference", "search", "align", "evaluate", "register")
+    stages = ("ingest", "reference", "search@5", "search@3", "align@5", "align@3", "evaluate", "register")
     assert all(f"Running stage '{stage}'" in first for stage in stages)
     registration = json.loads((project / "data" / "08_reporting" / "registration.json").read_text())
     assert registration["data_source"] == "dvc.lock"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(stages)
 
-    second = run(project, dvc, "repro", env=env).stdout
+    second, no_op_seconds = _timed(project, dvc, "repro", env=env)
     assert "Running stage" not in second
     assert all(f"Stage '{stage}' didn't change" in second for stage in stages)
+    print(f"unchanged dvc repro: {no_op_seconds:.1f} s")
+
+    _set_ladder(project, (5, 4, 3))
+    third, added_seconds = _timed(project, dvc, "repro", env=env)
+    ran = {stage for stage in (*stages, "search@4", "align@4") if f"Running stage '{stage}'" in third}
+    assert ran == {"search@4", "align@4", "evaluate", "register"}, third
+    policies = sorted(p.name for p in (project / "data" / "06_models" / "policies").glob("budget_*.json"))
+    assert policies == ["budget_3.json", "budget_4.json", "budget_5.json"]
+    print(f"dvc repro after adding budget 4: {added_seconds:.1f} s")
 
     parameters = project / "conf" / "base" / "parameters_search.yml"
     params = yaml.safe_load(parameters.read_text())
     params["search"]["sa_iterations"] += 1
     parameters.write_text(yaml.safe_dump(params, sort_keys=False))
     planned = run(project, dvc, "repro", "--dry", env=env).stdout
-    assert "Running stage 'search'" in planned
+    assert all(f"Running stage 'search@{b}'" in planned for b in (5, 4, 3))
     assert all(f"Stage '{stage}' didn't change" in planned for stage in ("ingest", "reference"))
     status = run(project, dvc, "status", env=env).stdout
     assert "search.sa_iterations" in status and "reference:" not in status
