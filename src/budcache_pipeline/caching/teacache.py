@@ -11,7 +11,7 @@ calibration throughput, per-image wall time is measured at batch 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
