@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,12 +45,13 @@ class Shard:
         """Whether this process writes outputs (rank 0 alone, so files are written once)."""
         return self.rank == 0
 
-    def block(self, total: int) -> range:
-        """The contiguous rows of `total` this rank holds (blocks differ in size by at most one).
+    def block(self, total: int, allow_empty: bool = False) -> range:
+        """The contiguous items of `total` this rank holds (blocks differ in size by at most one).
 
         Contiguous, not strided, so that a strided screening subset of the rows spreads over the ranks.
+        `allow_empty`: a rank may get none (work items such as reference batches, not calibration rows).
         """
-        if total < self.world_size:
+        if total < self.world_size and not allow_empty:
             raise ValueError(
                 f"{total} calibration rows cannot be shared by {self.world_size} processes: "
                 "use at most as many processes as rows"
@@ -104,3 +108,19 @@ def close_shard(shard: Shard) -> None:
     """Leave the process group (after the last collective)."""
     if shard.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch_torchrun(module: str, job: Path, processes: int) -> None:
+    """Run `python -m module job` under `torchrun --standalone --nproc-per-node processes` and wait.
+
+    The venv's own torchrun, so the ranks import this same installation; a failed run is an
+    error that quotes the end of torchrun's report (which names the failed rank).
+    """
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", f"--nproc-per-node={processes}", "-m", module, str(job)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ShardLostError(
+            f"{module} under torchrun with {processes} processes failed (exit {done.returncode}); "
+            f"rerun to resume from what the ranks saved. torchrun's report ends:\n{done.stderr[-4000:]}"
+        )
