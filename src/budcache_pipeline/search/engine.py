@@ -17,6 +17,9 @@ the same, the losses agree within `tolerance.LOSS_RELATIVE_TOLERANCE`. The
 checkpoint holds the RNG states, masks and memoised losses, so a killed search
 resumes and ends with the same masks; the losses it recomputes run in other batch
 compositions than the uninterrupted search's, so they agree within that tolerance.
+Sharded over K processes (`search.distributed`), the losses are sums over ranks: the
+masks are the one-process masks, the losses agree within the same tolerance, and rank 0
+alone writes the checkpoint while the others wait.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 
 from budcache_pipeline.atomic import write_text_atomic
 from budcache_pipeline.policy import CachePolicy, provenance_now
+from budcache_pipeline.search.distributed import Shard
 from budcache_pipeline.search.annealing import AnnealState, anneal_many, evaluate_many
 from budcache_pipeline.search.hill_climbing import CONFIRM, FAR_JUMPS, ClimbState, climb_round
 from budcache_pipeline.search.objective import MaskObjective, key_mask, mask_key
@@ -123,10 +127,11 @@ def _history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 class _Checkpoint:
-    """The search's resumable state in one JSON file, written atomically."""
+    """The search's resumable state in one JSON file, written atomically by rank 0 alone."""
 
-    def __init__(self, path: Path | None, signature: dict[str, Any]) -> None:
+    def __init__(self, path: Path | None, signature: dict[str, Any], shard: Shard) -> None:
         self.path = Path(path) if path is not None else None
+        self.shard = shard
         self.signature = signature
         self.data: dict[str, Any] = {"version": CHECKPOINT_VERSION, "signature": signature, "chains": []}
         if self.path is not None and self.path.exists():
@@ -145,7 +150,9 @@ class _Checkpoint:
     def save(self) -> None:
         if self.path is None:
             return
-        write_text_atomic(self.path, json.dumps(self.data))
+        if self.shard.is_main:
+            write_text_atomic(self.path, json.dumps(self.data))
+        self.shard.barrier("the checkpoint write")
 
 
 class _CostMeter:
@@ -275,13 +282,13 @@ def search_policy(
         "dp_samples": dp_samples,
         "hc_confirm": hc_confirm,
         "hc_far_jumps": hc_far_jumps,
-        "reference": objective.reference.manifest.get("prompts_seeds_sha256"),
-        "model_fingerprint": objective.reference.manifest.get("model_fingerprint"),
+        "reference": objective.manifest.get("prompts_seeds_sha256"),
+        "model_fingerprint": objective.manifest.get("model_fingerprint"),
         "sigmas": objective.schedule,
         "forecast": objective.forecast,
         "loss": getattr(objective.loss, "__qualname__", repr(objective.loss)),
     }
-    state = _Checkpoint(checkpoint, signature)
+    state = _Checkpoint(checkpoint, signature, objective.shard)
     if state.data.get("result") is not None:
         return SearchResult.from_dict(state.data["result"])
     objective.load_memo(state.data.get("memo", {}).get("full", {}))
@@ -290,7 +297,7 @@ def search_policy(
     meter = _CostMeter(objective, screen, state.data.get("cost"))
     source = "screen" if screen is not None else "full"
     total = len(names) * (sa_iterations + hc_rounds)
-    bar = tqdm(total=total, desc=f"search B={budget}", unit="it", disable=not progress)
+    bar = tqdm(total=total, desc=f"search B={budget}", unit="it", disable=not progress or not objective.shard.is_main)
 
     def save(where: dict[str, Any]) -> None:
         state.data["memo"] = {

@@ -23,6 +23,7 @@ from budcache_pipeline.caching import BudCacheRuntime, ContextSnapshot, disable_
 from budcache_pipeline.policy import CachePolicy, check_forecast, model_fingerprint
 from budcache_pipeline.sampling import RolloutState
 from budcache_pipeline.solvers import SolverState, euler_step, split_state, stack_states
+from budcache_pipeline.search.distributed import Shard
 from budcache_pipeline.search.prefix_store import PrefixStore
 from budcache_pipeline.search.reference import ReferenceSetError, ReferenceSet, check_uncached
 
@@ -77,6 +78,10 @@ class MaskObjective:
     `max_cached_states` and `max_state_bytes` bound the prefix states kept on the model's device,
     `max_host_state_bytes` a host-memory tier behind them (`search.prefix_store`); stats add the
     store's hits, misses, evictions and peak bytes.
+    `shard` (`search.distributed`): under torchrun this process keeps only its block of the
+    reference's rows (trajectories, conditioning, prefix states); every loss is the sum of
+    per-row errors over all ranks divided by the summed row count, so all ranks see the
+    same numbers. `len()` is the whole set's row count, `local_rows` this process's.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class MaskObjective:
         forecast: str = "reuse",
         max_state_bytes: int | None = None,
         max_host_state_bytes: int = 0,
+        shard: Shard | None = None,
     ) -> None:
         if len(reference) == 0:
             raise ReferenceSetError("the reference set is empty: give at least one (prompt, seed) pair")
@@ -103,7 +109,11 @@ class MaskObjective:
             )
         self.forecast = check_forecast(forecast)
         self.adapter = adapter
-        self.reference = reference
+        self.shard = shard or Shard()
+        self.manifest = reference.manifest
+        self.positions = list(self.shard.block(len(reference)))
+        self._total = len(reference)
+        self.reference = reference = reference.subset(self.positions) if self.shard.distributed else reference
         self.loss = loss
         self.max_cached_states = max_cached_states
         self.steps = reference.steps
@@ -123,7 +133,7 @@ class MaskObjective:
         self._teacher_solver: list[SolverState] = []
         self._tiles: dict[int, Any] = {}
         self.max_rows_per_forward = max_rows_per_forward
-        self._candidates_per_forward = max(1, max_rows_per_forward // len(reference))
+        self._candidates_per_forward = max(1, max_rows_per_forward // self.local_rows)
         self.cache: dict[Any, Any] = {}  # derived data valid as long as this objective is (subsets, DP edges)
         self.stats: dict[str, float] = {
             "evaluations": 0,
@@ -134,6 +144,11 @@ class MaskObjective:
         }
 
     def __len__(self) -> int:
+        return self._total
+
+    @property
+    def local_rows(self) -> int:
+        """Rows this process holds (all of them when not sharded)."""
         return len(self.reference)
 
     def subset(self, count: int) -> MaskObjective:
@@ -151,9 +166,16 @@ class MaskObjective:
         if key not in self.cache:
             stride = len(self) // count
             indices = list(range(0, stride * count, stride))
-            self.cache[key] = MaskObjective(
+            wanted = set(indices)
+            local = [k for k, position in enumerate(self.positions) if position in wanted]
+            if not local:
+                raise ValueError(
+                    f"rank {self.shard.rank} of {self.shard.world_size} holds none of the {count} strided rows of a "
+                    "screening subset: use fewer processes or more screen_samples / dp_samples"
+                )
+            child = MaskObjective(
                 self.adapter,
-                self.reference.subset(indices),
+                self.reference.subset(local) if self.shard.distributed else self.reference.subset(indices),
                 self.loss,
                 self.max_cached_states * len(self) // count,
                 sigmas=self.schedule,
@@ -162,6 +184,11 @@ class MaskObjective:
                 max_state_bytes=self.prefix_store.max_bytes,
                 max_host_state_bytes=self.prefix_store.max_host_bytes,
             )
+            if self.shard.distributed:
+                child.shard, child._total = self.shard, count
+                child.positions = [self.positions[k] for k in local]
+                child.manifest = {**self.manifest, "count": count, "subset_of": self.manifest.get("prompts_seeds_sha256")}
+            self.cache[key] = child
         return self.cache[key]
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -180,17 +207,31 @@ class MaskObjective:
         keys = [self._check(mask) for mask in masks]
         todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
         self.stats["memo_hits"] += len(keys) - len(todo)
+        per_row: list[torch.Tensor] = []
         for chunk in range(0, len(todo), self._candidates_per_forward):
             group = todo[chunk : chunk + self._candidates_per_forward]
-            for key, final in zip(group, self._run_many(group)):
-                self._record(key, final)
+            per_row.extend(self.loss(final, self.target) for final in self._run_many(group))
+        if todo:
+            self._memo.update(zip(todo, self.mean_over_rows(per_row)))
         return [self._memo[k] for k in keys]
 
+    def mean_over_rows(self, per_row: Sequence[torch.Tensor]) -> list[float]:
+        """Means over all calibration rows of per-row values (one (local_rows,) tensor each).
+
+        Sharded, each is this rank's float64 sum, summed over the ranks with the row count in
+        one collective; every rank must call this with as many tensors in the same order.
+        """
+        if not self.shard.distributed:
+            return [float(values.double().mean()) for values in per_row]
+        sums = [float(values.double().sum()) for values in per_row]
+        *totals, count = self.shard.sum(sums + [float(self.local_rows)])
+        return [total / count for total in totals]
+
     def final_latents(self, mask: Sequence[bool]) -> torch.Tensor:
-        """The cached rollout's final latents (B, ...) on CPU, e.g. for decoding and image metrics."""
+        """The cached rollout's final latents (this process's rows, ...) on CPU, e.g. for decoding and image metrics."""
         key = self._check(mask)
         final = self._run_many([key])[0]
-        self._record(key, final)
+        self._memo[key] = self.mean_over_rows([self.loss(final, self.target)])[0]
         return final.detach().cpu()
 
     def known(self, mask: Sequence[bool]) -> float | None:
@@ -220,11 +261,6 @@ class MaskObjective:
             raise ValueError("the mask must compute step 0: there is nothing cached before it")
         return key
 
-    def _record(self, key: str, final: torch.Tensor) -> float:
-        value = float(self.loss(final, self.target).double().mean())
-        self._memo[key] = value
-        return value
-
     def _run_many(self, keys: list[str]) -> list[torch.Tensor]:
         """Cached rollouts of several masks, each from its longest stored prefix, in shared forwards.
 
@@ -246,7 +282,7 @@ class MaskObjective:
             caches.append({} if state is None else state.cache)
             solvers.append(self.solver.initial_state() if state is None else state.solver)
         keep = self.prefix_store.enabled
-        rows = len(self)
+        rows = self.local_rows
         computed = 0
         with torch.inference_mode(), budcache_session(
             self.adapter.transformer, self.schedule, self.forecast

@@ -24,6 +24,7 @@ from budcache_pipeline.caching import get_runtime
 from budcache_pipeline.models.adapter import BoundDenoiser, Conditioning, Size
 from budcache_pipeline.policy import model_fingerprint
 from budcache_pipeline.sampling import NonFiniteLatents, rollout
+from budcache_pipeline.search.distributed import Shard
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2
@@ -200,13 +201,20 @@ def compute_reference(
     out_dir: Path | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> ReferenceSet:
     """Uncached rollouts of every (prompt, seed) pair, batched, on the adapter's device.
 
     With `out_dir`, each finished batch (noise, final latents, conditioning) is saved
     (safetensors) next to a manifest, and a rerun skips the batches already there; a
-    manifest for other settings is an error.
+    manifest for other settings is an error. With a `shard` of K ranks, each rank
+    computes a contiguous block of the batches into `out_dir` (the same batches, so the
+    same numbers, as one process) and then reads the others' files; a killed rank's
+    batches are the only ones a rerun computes.
     """
+    shard = shard or Shard()
+    if shard.distributed and out_dir is None:
+        raise ReferenceSetError("a sharded reference needs out_dir: the ranks share their batches through it")
     prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
     if not prompts:
         raise ReferenceSetError("no prompts: a reference set needs at least one (prompt, seed) pair")
@@ -223,12 +231,15 @@ def compute_reference(
         manifest_path = out_dir / MANIFEST_FILE
         if manifest_path.exists():
             _check_manifest(json.loads(manifest_path.read_text()), manifest, out_dir)
-        else:
+        elif shard.is_main:
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        shard.barrier("the reference manifest")
     solver = adapter.solver(sigmas)
-    noises, finals, conditionings = [], [], []
     starts = range(0, len(prompts), batch_size)
-    for number, begin in enumerate(tqdm(starts, desc="reference", unit="batch", disable=not progress)):
+    mine = shard.block(len(starts), allow_empty=True)
+    batches: dict[int, tuple[torch.Tensor, torch.Tensor, Conditioning | None]] = {}
+    for number in tqdm(mine, desc="reference", unit="batch", disable=not progress):
+        begin = starts[number]
         path = out_dir / _BATCH_FILE.format(number) if out_dir is not None else None
         if path is not None and path.exists():
             noise, final, conditioning = _read_batch(path, out_dir)
@@ -253,11 +264,20 @@ def compute_reference(
                 if number == 0:
                     _save_atomic(conditioning.shared, out_dir / _SHARED_FILE)
                 _save_atomic({"noise": noise, "final": final, **_row_tensors(conditioning)}, path)
-        noises.append(noise)
-        finals.append(final)
-        conditionings.append(conditioning)
+        batches[number] = noise, final, conditioning
+    shard.barrier("the reference batches")
+    for number in range(len(starts)):
+        if number not in batches:
+            batches[number] = _read_batch(out_dir / _BATCH_FILE.format(number), out_dir)
+    parts = [batches[number] for number in range(len(starts))]
     return ReferenceSet(
-        prompts, seeds, sigmas, torch.cat(noises), torch.cat(finals), manifest, Conditioning.cat(conditionings)
+        prompts,
+        seeds,
+        sigmas,
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        manifest,
+        Conditioning.cat([p[2] for p in parts]),
     )
 
 

@@ -110,7 +110,7 @@ def _uncached_suffixes(sub: MaskObjective, jobs: list[RolloutState]) -> tuple[li
     """
     if not jobs:
         return [], 0
-    samples = len(sub)
+    samples = sub.local_rows
     if not isinstance(sub.solver, EulerSolver):
         return [_uncached_from(sub, job) for job in jobs], sum(sub.steps - job.step for job in jobs) * samples
     jobs = [(job.step, job.latents) for job in jobs]
@@ -154,7 +154,8 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
     error gain); `exact=True` runs every edge's suffix. Computed on `samples` pairs,
     once per objective; the cost is added to `objective.stats["start_block_stack_calls"]`,
     and what the same rollouts cost run from the noise without shared prefixes to
-    `objective.stats["start_block_stack_calls_naive"]`.
+    `objective.stats["start_block_stack_calls_naive"]`. Sharded, each rank rolls out its
+    rows and the per-row errors are summed over the ranks in one collective.
     """
     key = ("dp_edges", samples, exact)
     if key in objective.cache:
@@ -162,6 +163,7 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
     started = time.perf_counter()
     sub = objective.subset(samples)
     steps, count = sub.steps, len(sub)
+    rows = sub.local_rows
     teacher = sub.teacher_latents()
     runs = naive_runs = steps * count
     at: dict[tuple[int, int], torch.Tensor] = {}
@@ -180,23 +182,26 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
                 runs += count
                 naive_runs += (i + 1) * count
         errors = np.zeros((steps + 1, steps + 1))
-        for i in range(steps - 1):
-            errors[i, steps] = float(sub.loss(at[(i, steps)], sub.target).double().mean())
         if exact:
             pairs = [(i, j) for j in range(2, steps) for i in range(j - 1)]
         else:
             pairs = [(j - 2, j) for j in range(2, steps)]
         finals, suffix_runs = _uncached_suffixes(sub, [resume[pair] for pair in pairs])
-        runs += suffix_runs
+        runs += suffix_runs * count // rows
         naive_runs += sum(steps - (j - i - 1) for i, j in pairs) * count
-        for (i, j), final in zip(pairs, finals):
-            errors[i, j] = float(sub.loss(final, sub.target).double().mean())
-        if not exact:
-            for j in range(3, steps):
-                probe = float((at[(j - 2, j)].float() - teacher[j].float()).pow(2).mean())
-                gain = errors[j - 2, j] / probe if probe > 0 else 0.0
-                for i in range(j - 2):
-                    errors[i, j] = gain * float((at[(i, j)].float() - teacher[j].float()).pow(2).mean())
+        ends = [(i, steps) for i in range(steps - 1)]
+        per_row = [sub.loss(at[edge], sub.target) for edge in ends] + [sub.loss(f, sub.target) for f in finals]
+        deviations = [] if exact else [(i, j) for j in range(3, steps) for i in range(j - 1)]
+        per_row += [(at[(i, j)].float() - teacher[j].float()).pow(2).flatten(1).mean(dim=1) for i, j in deviations]
+        means = sub.mean_over_rows(per_row)
+        for (i, j), value in zip(ends + pairs, means):
+            errors[i, j] = value
+        deviation = dict(zip(deviations, means[len(ends) + len(pairs):]))
+        for j in range(3, steps) if not exact else ():
+            probe = deviation[(j - 2, j)]
+            gain = errors[j - 2, j] / probe if probe > 0 else 0.0
+            for i in range(j - 2):
+                errors[i, j] = gain * deviation[(i, j)]
     objective.cache[key] = errors
     stats = objective.stats
     for name, value in (("start_block_stack_calls", runs), ("start_block_stack_calls_naive", naive_runs)):

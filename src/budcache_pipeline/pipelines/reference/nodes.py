@@ -15,7 +15,9 @@ import pandas as pd
 from budcache_pipeline.pipelines.common import load_model, model_size, model_steps
 from budcache_pipeline.policy import model_fingerprint
 from budcache_pipeline.search import ReferenceSet, compute_reference
+from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.reference import prompts_seeds_sha256
+from budcache_pipeline.search.reference_worker import MODULE as REFERENCE_WORKER
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,9 @@ def compute_reference_set(
     """Uncached rollouts of every (prompt, seed) of one split, batched on the GPU when there is one.
 
     Batches are saved as they finish in `params.resume_dir`, so an interrupted run resumes;
-    the folder is removed once the catalog holds the finished reference.
+    the folder is removed once the catalog holds the finished reference. With
+    `params.processes` above 1 the batches are computed by that many torchrun ranks
+    (one per GPU) into the same folder, and this node reads them back.
     """
     adapter = load_model(model_params)
     size, steps = model_size(adapter, model_params), model_steps(model_params)
@@ -48,6 +52,15 @@ def compute_reference_set(
     }
     resume = _resume_dir(params["resume_dir"], split, identity)
     started = time.perf_counter()
+    processes = int(params.get("processes", 1))
+    if processes > 1:
+        resume.mkdir(parents=True, exist_ok=True)
+        job = resume / "job.json"
+        job.write_text(json.dumps({
+            "model": dict(model_params), "prompts": texts, "seeds": seeds, "steps": steps,
+            "batch_size": int(params["batch_size"]), "out_dir": str(resume),
+        }))
+        launch_torchrun(REFERENCE_WORKER, job, processes)
     reference = compute_reference(
         adapter,
         texts,

@@ -1,0 +1,84 @@
+"""One budget's search as a torchrun entry point: `torchrun --nproc-per-node K -m budcache_pipeline.search.search_worker JOB.json`.
+
+The job file names the model block, a saved reference, the budget, the objective's
+bounds and `search_policy`'s settings. Every rank loads the reference and keeps its
+block of rows; rank 0 writes the result (and the checkpoint while it runs), so K
+processes give the one-process mask. Rerunning the same command resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from budcache_pipeline.models.spec import load_adapter
+from budcache_pipeline.search.distributed import Shard, close_shard, init_shard
+from budcache_pipeline.search.engine import SearchResult, search_policy
+from budcache_pipeline.search.objective import MaskObjective
+from budcache_pipeline.search.reference import load_reference
+
+
+def run_search_job(job: dict[str, Any], shard: Shard) -> SearchResult:
+    """The search a job file describes, on this rank's rows; rank 0 writes `job["result"]`."""
+    adapter = load_adapter(job["model"])
+    objective = MaskObjective(adapter, load_reference(job["reference"]), shard=shard, **job.get("objective", {}))
+    settings = dict(job.get("search", {}))
+    if "starts" in settings:
+        settings["starts"] = tuple(settings["starts"])
+    if "forced" in settings:
+        settings["forced"] = tuple(settings["forced"])
+    checkpoint = Path(job["checkpoint"]) if job.get("checkpoint") else None
+    result = search_policy(objective, int(job["budget"]), checkpoint=checkpoint, **settings)
+    if shard.is_main:
+        out = Path(job["result"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps({**result.to_dict(), "processes": shard.world_size}, indent=2))
+        os.replace(tmp, out)
+    shard.barrier("the result write")
+    return result
+
+
+def _stop_on_sigterm(job: dict[str, Any], shard: Shard) -> None:
+    """Say why a rank stops when torchrun's agent ends the group (a peer died) and how to resume."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        where = f"checkpoint {job['checkpoint']}" if job.get("checkpoint") else "no checkpoint (none was configured)"
+        print(
+            f"budcache search: rank {shard.rank} of {shard.world_size} stopped by torchrun because another rank "
+            f"failed (its error is torchrun's 'Root Cause' below). The search so far is in {where}; "
+            "rerun the same command to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: torchrun --nproc-per-node K -m budcache_pipeline.search.search_worker JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(args[0]).read_text())
+    if job.get("torch_threads"):
+        torch.set_num_threads(int(job["torch_threads"]))
+    shard = init_shard(job.get("backend"))
+    _stop_on_sigterm(job, shard)
+    try:
+        run_search_job(job, shard)
+    finally:
+        close_shard(shard)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

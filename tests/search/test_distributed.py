@@ -1,0 +1,62 @@
+"""The search sharded over processes: torchrun with gloo at K = 1 and K = 2 gives the same search."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from budcache_pipeline.models.spec import ModelSpec, load_adapter
+from budcache_pipeline.search import compute_reference
+from budcache_pipeline.search.distributed import Shard
+from budcache_pipeline.search.reference import save_reference
+from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
+
+MODEL = {"adapter": "flux", "weights": "tiny", "height": 16, "width": 16, "steps": 10, "torch_threads": 1}
+SEARCH = {"starts": ["dp", "uniform"], "seed": 0, "sa_iterations": 20, "hc_rounds": 2, "progress": False,
+          "screen_samples": 4, "dp_samples": 4}
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def test_blocks_cover_the_rows_once_and_refuse_more_processes_than_rows():
+    assert [list(Shard(r, 3).block(8)) for r in range(3)] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    with pytest.raises(ValueError, match="3 calibration rows cannot be shared by 4 processes"):
+        Shard(0, 4).block(3)
+
+
+def _run(job: Path, processes: int) -> subprocess.CompletedProcess:
+    command = [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}",
+               "-m", "budcache_pipeline.search.search_worker", str(job)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_two_processes_find_the_one_process_mask_with_losses_within_rounding(tmp_path):
+    adapter = load_adapter(MODEL)
+    size = ModelSpec.from_params(MODEL).output_size(adapter)
+    prompts = [f"prompt {i}" for i in range(8)]
+    save_reference(compute_reference(adapter, prompts, list(range(8)), 10, size, progress=False), tmp_path / "ref")
+    results = {}
+    for k in (1, 2):
+        job = tmp_path / f"job{k}.json"
+        job.write_text(json.dumps({"model": MODEL, "reference": str(tmp_path / "ref"), "budget": 4,
+                                   "torch_threads": 1, "search": SEARCH, "result": str(tmp_path / f"result{k}.json"),
+                                   "checkpoint": str(tmp_path / f"checkpoint{k}.json")}))
+        done = _run(job, k)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[k] = json.loads((tmp_path / f"result{k}.json").read_text())
+    one, two = results[1], results[2]
+    assert two["processes"] == 2
+    assert two["mask"] == one["mask"]
+    assert [s["mask"] for s in two["starts"]] == [s["mask"] for s in one["starts"]]
+    # Sums over two ranks differ from one sum by float rounding only: within LOSS_RELATIVE_TOLERANCE (1e-4).
+    assert two["loss"] == pytest.approx(one["loss"], rel=LOSS_RELATIVE_TOLERANCE)
+    for a, b in zip(two["history"], one["history"]):
+        assert (a["phase"], a["start"], a["iteration"]) == (b["phase"], b["start"], b["iteration"])
+        assert a["current_loss"] == pytest.approx(b["current_loss"], rel=LOSS_RELATIVE_TOLERANCE)
+    for key in ("block_stack_calls", "start_block_stack_calls", "evaluations", "calibration_pairs"):
+        assert two["cost"][key] == one["cost"][key], key
