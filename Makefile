@@ -7,7 +7,11 @@ export HF_HUB_OFFLINE := 1
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: run test test-threads test-shuffled test-kernels bench repro venv
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed-stamp
+AIRFLOW_VERSION := 3.3.2
+
+.PHONY: run test test-threads test-shuffled test-kernels bench repro venv airflow airflow-venv
 
 venv: $(STAMP)
 
@@ -18,10 +22,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# Airflow in its own environment: its pins (SQLAlchemy, pydantic, ...) are not the project's concern.
+airflow-venv: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP):
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet "apache-airflow==$(AIRFLOW_VERSION)"
+	touch $(AIRFLOW_STAMP)
+
+# The DAG for an Airflow deployment (README, "Airflow"): one task per budget namespace.
+airflow: $(STAMP)
+	$(BIN)/kedro airflow create --group-by namespace --jinja-file conf/airflow/budcache_dag.j2 --target-dir airflow/dags
+
 run: $(STAMP)
 	$(BIN)/kedro run
 
-test: $(STAMP)
+test: $(STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The determinism promise (README, "Determinism"): the suite at 1 and 2 torch threads, in a
