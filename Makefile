@@ -33,7 +33,7 @@ $(AIRFLOW_STAMP):
 
 # The DAG for an Airflow deployment (README, "Airflow"): one task per budget namespace.
 airflow: $(STAMP)
-	$(BIN)/kedro airflow create --group-by namespace --jinja-file conf/airflow/budcache_dag.j2 --target-dir airflow/dags
+	$(BIN)/kedro airflow create --group-by memory --jinja-file conf/airflow/budcache_dag.j2 --target-dir airflow/dags
 
 run: $(STAMP)
 	$(BIN)/kedro run

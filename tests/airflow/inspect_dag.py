@@ -36,6 +36,9 @@ def main(argv: list[str]) -> int:
         },
     }
     if args.test:
+        from airflow.utils.db import initdb
+
+        initdb()
         run = bag.dags[args.test].test()
         report["states"] = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     print(json.dumps(report))

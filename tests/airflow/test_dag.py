@@ -32,7 +32,7 @@ def export(target: Path, budgets: str) -> Path:
     """`kedro airflow create` as `make airflow` runs it, for the ladder `budgets`."""
     env = {**os.environ, "BUDCACHE_BUDGETS": budgets, "KEDRO_DISABLE_TELEMETRY": "true"}
     kedro = Path(sys.executable).with_name("kedro")
-    command = [str(kedro), "airflow", "create", "--group-by", "namespace",
+    command = [str(kedro), "airflow", "create", "--group-by", "memory",
                "--jinja-file", "conf/airflow/budcache_dag.j2", "--target-dir", str(target)]
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     return target
@@ -46,24 +46,26 @@ def inspect(folder: Path, tmp_path: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_the_dag_loads_with_one_task_per_budget_between_reference_and_evaluation(tmp_path):
+def test_the_dag_loads_with_one_task_group_per_budget_between_reference_and_evaluation(tmp_path):
     report = inspect(export(tmp_path / "dags", "14,10,7,5"), tmp_path)
     assert report["import_errors"] == {}
     tasks = report["dags"][DAG_ID]
-    budgets = sorted(t for t in tasks if t.startswith("budget-"))
-    assert budgets == ["budget-10", "budget-14", "budget-5", "budget-7"]
-    for task in budgets:
-        assert {"compute-calibration-reference", "split-prompts"} <= set(tasks[task]["upstream"])
-        assert {"collect-searched-ladder", "collect-aligned-ladder"} <= set(tasks[task]["downstream"])
-        assert tasks[task]["pool"] == "budcache_gpus"
-        assert tasks[task]["command"].endswith(f"run --env local --pipelines __default__ --namespaces budget_{task[7:]}")
+    for budget in (14, 10, 7, 5):
+        search, align = f"budget_{budget}.budget-{budget}-search-policy", f"budget_{budget}.budget-{budget}-align-schedule"
+        assert sorted(t for t in tasks if t.startswith(f"budget_{budget}.")) == sorted([align, search])
+        assert {"compute-calibration-reference", "split-prompts"} <= set(tasks[search]["upstream"])
+        assert search in tasks[align]["upstream"]
+        assert tasks[search]["command"].endswith(f"run --env local --pipelines __default__ --nodes budget_{budget}.search_policy")
+        assert tasks[search]["pool"] == tasks[align]["pool"] == "budcache_gpus"
+    evaluate = next(t for t in tasks if "evaluate-ladder" in t)
+    register = next(t for t in tasks if t.endswith("register-ladder"))
+    assert all(f"budget_{b}.budget-{b}-align-schedule" in tasks[evaluate]["upstream"] for b in (14, 10, 7, 5))
+    assert evaluate in tasks[register]["upstream"] and tasks[register]["downstream"] == []
     assert tasks["clean-prompts"]["upstream"] == [] and tasks["clean-prompts"]["pool"] == "default_pool"
-    assert tasks["register-ladder"]["downstream"] == []
-    assert {"collect-final-ladder", "collect-plots", "collect-tables"} <= set(tasks["register-ladder"]["upstream"])
 
 
-def test_adding_a_budget_and_exporting_again_adds_one_task(tmp_path):
+def test_adding_a_budget_and_exporting_again_adds_one_group(tmp_path):
     before = inspect(export(tmp_path / "before", "14,10,7,5"), tmp_path)["dags"][DAG_ID]
     after = inspect(export(tmp_path / "after", "14,10,7,5,4"), tmp_path)["dags"][DAG_ID]
-    assert set(after) - set(before) == {"budget-4"}
+    assert set(after) - set(before) == {"budget_4.budget-4-search-policy", "budget_4.budget-4-align-schedule"}
     assert set(before) <= set(after)
