@@ -10,12 +10,14 @@ only rank 0 writes. Outside torchrun (`WORLD_SIZE` unset or 1) all of this is a 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,6 +110,30 @@ def close_shard(shard: Shard) -> None:
     """Leave the process group (after the last collective)."""
     if shard.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_worker(
+    module: str,
+    argv: list[str] | None,
+    run_job: Callable[[dict[str, Any], Shard], object],
+    on_start: Callable[[dict[str, Any], Shard], None] | None = None,
+) -> int:
+    """The body of a torchrun entry point: read the job file, set threads, join the group, run, leave."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(f"usage: torchrun --nproc-per-node K -m {module} JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(args[0]).read_text())
+    if job.get("torch_threads"):
+        torch.set_num_threads(int(job["torch_threads"]))
+    shard = init_shard(job.get("backend"))
+    if on_start is not None:
+        on_start(job, shard)
+    try:
+        run_job(job, shard)
+    finally:
+        close_shard(shard)
+    return 0
 
 
 def launch_torchrun(module: str, job: Path, processes: int) -> None:

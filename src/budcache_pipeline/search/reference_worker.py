@@ -8,15 +8,12 @@ computes, and loading the folder afterwards gives the one-process reference.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from budcache_pipeline.models.spec import ModelSpec, load_adapter
-from budcache_pipeline.search.distributed import Shard, close_shard, init_shard
+from budcache_pipeline.search.distributed import Shard, run_worker
 from budcache_pipeline.search.reference import compute_reference
 
 MODULE = "budcache_pipeline.search.reference_worker"
@@ -42,19 +39,7 @@ def run_reference_job(job: dict[str, Any], shard: Shard) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(f"usage: torchrun --nproc-per-node K -m {MODULE} JOB.json", file=sys.stderr)
-        return 2
-    job = json.loads(Path(args[0]).read_text())
-    if job.get("torch_threads"):
-        torch.set_num_threads(int(job["torch_threads"]))
-    shard = init_shard(job.get("backend"))
-    try:
-        run_reference_job(job, shard)
-    finally:
-        close_shard(shard)
-    return 0
+    return run_worker(MODULE, argv, run_reference_job)
 
 
 if __name__ == "__main__":

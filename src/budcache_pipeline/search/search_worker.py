@@ -15,10 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from budcache_pipeline.models.spec import load_adapter
-from budcache_pipeline.search.distributed import Shard, close_shard, init_shard
+from budcache_pipeline.search.distributed import Shard, run_worker
 from budcache_pipeline.search.engine import SearchResult, search_policy
 from budcache_pipeline.search.objective import MaskObjective
 from budcache_pipeline.search.reference import load_reference
@@ -64,20 +62,7 @@ def _stop_on_sigterm(job: dict[str, Any], shard: Shard) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: torchrun --nproc-per-node K -m budcache_pipeline.search.search_worker JOB.json", file=sys.stderr)
-        return 2
-    job = json.loads(Path(args[0]).read_text())
-    if job.get("torch_threads"):
-        torch.set_num_threads(int(job["torch_threads"]))
-    shard = init_shard(job.get("backend"))
-    _stop_on_sigterm(job, shard)
-    try:
-        run_search_job(job, shard)
-    finally:
-        close_shard(shard)
-    return 0
+    return run_worker("budcache_pipeline.search.search_worker", argv, run_search_job, on_start=_stop_on_sigterm)
 
 
 if __name__ == "__main__":
