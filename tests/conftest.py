@@ -189,3 +189,23 @@ def reduced_run(tmp_path_factory):
     project = reduced_project(tmp_path_factory.mktemp("reduced") / "project")
     kedro(project, "run")
     return project
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """`tiny_runs(name)`: (project, environment) of a copy after one sequential `kedro run --env
+    tiny_<name>` at budgets `TINY_BUDGETS`, run once per adapter per session (the tiny-environment,
+    runner and DAG tests share it)."""
+    from tests.reduced_project import TINY_BUDGETS, environment, kedro, tiny_project
+
+    done: dict[str, tuple] = {}
+
+    def tiny_run(name: str) -> tuple:
+        if name not in done:
+            project = tiny_project(tmp_path_factory.mktemp(f"tiny_{name}") / "project")
+            env = environment(project, budgets=TINY_BUDGETS)
+            kedro(project, "run", "--env", f"tiny_{name}", env=env)
+            done[name] = (project, env)
+        return done[name]
+
+    return tiny_run

@@ -119,3 +119,14 @@ def kedro(
     project: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     return run(project, str(Path(sys.executable).parent / "kedro"), *args, env=env, check=check)
+
+
+TINY_BUDGETS = "7,3"
+TINY_PROMPTS = 16
+
+
+def tiny_project(destination: Path) -> Path:
+    """A copy for `kedro run --env tiny_<adapter>`: the first `TINY_PROMPTS` prompts, the environment's settings."""
+    project = copy_project(destination)
+    reduce_configuration(project, prompts=TINY_PROMPTS, overrides={})
+    return project

@@ -1,8 +1,10 @@
 """Run by the Airflow virtual environment: load a DAG folder in Airflow's DagBag and print its task graph as JSON.
 
 `python inspect_dag.py DAG_FOLDER` prints {"import_errors": {...}, "dags": {dag_id: {task_id: {"upstream": [...],
-"downstream": [...], "pool": ..., "command": ...}}}}; with `--test DAG_ID` it also runs `dag.test()` and adds the
-final state of every task instance.
+"downstream": [...], "pool": ..., "command": ...}}}}; with `--test DAG_ID` it also creates the metadata database
+(AIRFLOW_HOME's sqlite) and every pool the tasks name (one slot each, as for one GPU), runs `dag.test()` and adds
+the final state of every task instance. `dag.test()` syncs the DAG bundles, so AIRFLOW__CORE__DAGS_FOLDER must be
+the same folder.
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ def main(argv: list[str]) -> int:
         },
     }
     if args.test:
+        from airflow.models.pool import Pool
         from airflow.utils.db import initdb
 
         initdb()
-        run = bag.dags[args.test].test()
+        dag = bag.dags[args.test]
+        for pool in {task.pool for task in dag.tasks} - {Pool.DEFAULT_POOL_NAME}:
+            Pool.create_or_update_pool(pool, slots=1, description="one GPU", include_deferred=False)
+        run = dag.test()
         report["states"] = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     print(json.dumps(report))
     return 0

@@ -1,7 +1,8 @@
-"""The Airflow DAG `make airflow` writes, loaded in a real Airflow (the `.venv-airflow` environment).
+"""The Airflow DAG `make airflow` writes, loaded and run in a real Airflow (the `.venv-airflow` environment).
 
 Airflow lives in its own virtual environment (`make test` builds it), so the DAG is exported with
-the project's kedro-airflow and inspected by `inspect_dag.py` run with Airflow's Python.
+the project's kedro-airflow and inspected (or run with `dag.test()`) by `inspect_dag.py` run with
+Airflow's Python.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.reduced_project import tiny_project
+from tests.run_records import ladder_files, run_record
 
 ROOT = Path(__file__).parents[2]
 AIRFLOW_PYTHON = ROOT / ".venv-airflow" / "bin" / "python"
@@ -28,21 +32,26 @@ def airflow_environment():
         pytest.skip(".venv-airflow is missing: run `make airflow-venv` (or `make test`)")
 
 
-def export(target: Path, budgets: str) -> Path:
-    """`kedro airflow create` as `make airflow` runs it, for the ladder `budgets`."""
+KEDRO = Path(sys.executable).with_name("kedro")
+
+
+def export(target: Path, budgets: str, project: Path = ROOT, *options: str) -> Path:
+    """`kedro airflow create` as `make airflow` runs it (plus `options`), for the ladder `budgets`."""
     env = {**os.environ, "BUDCACHE_BUDGETS": budgets, "KEDRO_DISABLE_TELEMETRY": "true"}
-    kedro = Path(sys.executable).with_name("kedro")
-    command = [str(kedro), "airflow", "create", "--group-by", "memory",
-               "--jinja-file", "conf/airflow/budcache_dag.j2", "--target-dir", str(target)]
-    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    command = [str(KEDRO), "airflow", "create", "--group-by", "memory",
+               "--jinja-file", "conf/airflow/budcache_dag.j2", "--target-dir", str(target), *options]
+    subprocess.run(command, cwd=project, env=env, check=True, capture_output=True, text=True)
     return target
 
 
-def inspect(folder: Path, tmp_path: Path) -> dict:
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow-home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+def inspect(folder: Path, tmp_path: Path, *options: str, env: dict[str, str] | None = None) -> dict:
+    env = {**(env or os.environ), "AIRFLOW_HOME": str(tmp_path / "airflow-home"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(folder)}
     result = subprocess.run(
-        [str(AIRFLOW_PYTHON), str(INSPECT), str(folder)], env=env, capture_output=True, text=True, check=True
+        [str(AIRFLOW_PYTHON), str(INSPECT), str(folder), *options], env=env, capture_output=True, text=True
     )
+    if result.returncode != 0:
+        raise AssertionError(f"inspect_dag.py failed ({result.returncode})\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -69,3 +78,17 @@ def test_adding_a_budget_and_exporting_again_adds_one_group(tmp_path):
     after = inspect(export(tmp_path / "after", "14,10,7,5,4"), tmp_path)["dags"][DAG_ID]
     assert set(after) - set(before) == {"budget_4.budget-4-search-policy", "budget_4.budget-4-align-schedule"}
     assert set(before) <= set(after)
+
+
+def test_dag_test_runs_the_tiny_environment_and_registers_what_kedro_run_registers(tiny_runs, tmp_path):
+    sequential, env = tiny_runs("flux")
+    project = tiny_project(tmp_path / "project")
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "BUDCACHE_PROJECT_DIR": str(project), "BUDCACHE_KEDRO": str(KEDRO)}
+    folder = export(tmp_path / "dags", env["BUDCACHE_BUDGETS"], project, "--env", "tiny_flux")
+    report = inspect(folder, tmp_path, "--test", DAG_ID, env=env)
+    tasks = report["dags"][DAG_ID]
+    assert report["states"] == {task: "success" for task in tasks}
+    assert all("--env tiny_flux" in task["command"] for task in tasks.values())
+    assert ladder_files(project, "tiny_flux") == ladder_files(sequential, "tiny_flux")
+    assert run_record(project, "tiny_flux") == run_record(sequential, "tiny_flux")

@@ -16,21 +16,16 @@ from budcache_pipeline.deploy import deploy_and_generate
 from budcache_pipeline.models.spec import load_adapter
 from budcache_pipeline.policy import PolicyError, load_policy, model_fingerprint, weights_digest
 from budcache_pipeline.registry import promote
-from tests.reduced_project import copy_project, environment, kedro, reduce_configuration
+from tests.reduced_project import TINY_BUDGETS
 
-BUDGETS = "7,3"
 SIZES = {"flux": {"height": 16, "width": 16}, "wan": {"height": 32, "width": 32, "num_frames": 5},
          "sd3": {"height": 16, "width": 16}}
 
 
 @pytest.fixture(scope="module", params=sorted(SIZES))
-def tiny_run(request, tmp_path_factory):
+def tiny_run(request, tiny_runs):
     name = request.param
-    project = copy_project(tmp_path_factory.mktemp(f"tiny_{name}") / "project")
-    reduce_configuration(project, prompts=16, overrides={})
-    env = environment(project, budgets=BUDGETS)
-    kedro(project, "run", "--env", f"tiny_{name}", env=env)
-    return name, project, env
+    return name, *tiny_runs(name)
 
 
 def model_block(name: str) -> dict:
@@ -43,7 +38,7 @@ def test_the_tiny_run_registers_a_ladder_for_that_model(tiny_run):
     registration = json.loads((data / "08_reporting" / "registration.json").read_text())
     assert registration["registered_model"] == f"budcache-tiny-{name}-28steps"
     adapter = load_adapter(model_block(name))
-    for budget in (7, 3):
+    for budget in map(int, TINY_BUDGETS.split(",")):
         policy = load_policy(data / "06_models" / "policies" / f"budget_{budget}.json", adapter.transformer)
         assert policy.budget == budget and policy.steps == 28
         assert policy.model_fingerprint == model_fingerprint(adapter.transformer)

@@ -17,6 +17,7 @@ from budcache_pipeline.search import (
     holdout_losses,
 )
 from budcache_pipeline.search.alignment import anchors, sigmas_from_logits
+from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 from budcache_pipeline.models.adapter import BoundDenoiser, Size
 from tests.search.conftest import PROMPTS, SEEDS, SIZE, STEPS
 
@@ -46,7 +47,7 @@ def test_alignment_lowers_the_loss_and_the_segment_variant_keeps_compute_sigmas(
         assert result.sigmas[0] == reference.sigmas[0] and result.sigmas[-1] == 0
         assert all(b < a for a, b in zip(result.sigmas, result.sigmas[1:]))
         objective = MaskObjective(adapter, reference, sigmas=result.sigmas)
-        assert objective(MASK) == pytest.approx(result.loss_after, rel=1e-6)
+        assert objective(MASK) == pytest.approx(result.loss_after, rel=LOSS_RELATIVE_TOLERANCE)
     for i in anchors(MASK, "segment"):
         assert segment.sigmas[i] == pytest.approx(reference.sigmas[i], rel=1e-8)
     assert segment.sigmas != reference.sigmas and full.sigmas != reference.sigmas

@@ -8,6 +8,7 @@ real text encoders give) passed to the stock pipelines as `prompt_embeds`.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 
 import torch
@@ -53,9 +54,16 @@ def text_shapes(pooled: bool, negative: bool) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_GLOBAL_RNG = threading.Lock()
+"""diffusers initialises weights from torch's global generator: two threads building a tiny model at once
+(Kedro's ThreadRunner) would interleave its draws and get other weights."""
+
+
 def _seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build().eval()
+    """`build()` with torch's global generator seeded by `seed`, restored afterwards, one thread at a time."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
 
 
 def _tiny_image_vae(seed: int) -> torch.nn.Module:

@@ -1,14 +1,17 @@
-"""What every model-running node shares: the configured model adapter, loaded once per process.
+"""What every model-running node shares: the configured model adapter, loaded once per thread.
 
 Nodes get the `model:` block (`conf/base/parameters.yml`) and ask for its adapter here; the
 first node that asks loads it (and sets the torch thread count), later nodes of the same run
-reuse it, so a FLUX.1-dev checkpoint is read from disk once per `kedro run`.
+reuse it, so a FLUX.1-dev checkpoint is read from disk once per `kedro run`. Under Kedro's
+`ThreadRunner` each worker thread loads its own copy: a search registers cache hooks on the
+transformer and alignment freezes its parameters, so two budgets side by side must not share one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -17,7 +20,7 @@ from budcache_pipeline.models.adapter import Size
 from budcache_pipeline.models.spec import ModelSpec, load_adapter
 
 logger = logging.getLogger(__name__)
-_LOADED: dict[str, Any] = {}
+_LOADED = threading.local()
 
 
 def model_spec(model_params: dict[str, Any]) -> ModelSpec:
@@ -25,9 +28,10 @@ def model_spec(model_params: dict[str, Any]) -> ModelSpec:
 
 
 def load_model(model_params: dict[str, Any]) -> Any:
-    """The configured adapter on its device (cached by the block's content), progress bars off."""
+    """The configured adapter on its device (cached per thread by the block's content), progress bars off."""
     key = json.dumps(model_params, sort_keys=True, default=str)
-    if key not in _LOADED:
+    loaded: dict[str, Any] = _LOADED.__dict__.setdefault("adapters", {})
+    if key not in loaded:
         spec = model_spec(model_params)
         adapter = load_adapter(spec)
         if hasattr(adapter.pipe, "set_progress_bar_config"):
@@ -36,9 +40,9 @@ def load_model(model_params: dict[str, Any]) -> Any:
             "loaded %s (%s) on %s (%d torch threads)",
             spec.registered_name, spec.adapter, adapter.device, torch.get_num_threads(),
         )
-        _LOADED.clear()
-        _LOADED[key] = adapter
-    return _LOADED[key]
+        loaded.clear()
+        loaded[key] = adapter
+    return loaded[key]
 
 
 def model_size(adapter: Any, model_params: dict[str, Any]) -> Size:
