@@ -12,6 +12,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from tests.reduced_project import environment
+
 TIMED = ("seconds", "per_second", "speedup", "wall")
 """Metric names holding any of these measure a clock, not the policies."""
 
@@ -35,7 +37,7 @@ def run_record(project: Path, env: str) -> dict[str, Any]:
     """The registered run's parameters, untimed metrics, artifact paths, and the registered version's
     budgets and model tags."""
     registration = json.loads((data_folder(project, env) / "08_reporting" / "registration.json").read_text())
-    uri = f"sqlite:///{project / 'mlflow.db'}"
+    uri = environment(project)["MLFLOW_TRACKING_URI"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(registration["run_id"])
     version = client.get_model_version(registration["registered_model"], registration["version"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reduced_project import tiny_project
+from tests.reduced_project import TINY_BUDGETS, environment, tiny_project
 from tests.run_records import ladder_files, run_record
 
 ROOT = Path(__file__).parents[2]
@@ -81,11 +81,10 @@ def test_adding_a_budget_and_exporting_again_adds_one_group(tmp_path):
 
 
 def test_dag_test_runs_the_tiny_environment_and_registers_what_kedro_run_registers(tiny_runs, tmp_path):
-    sequential, env = tiny_runs("flux")
+    sequential, _ = tiny_runs("flux")
     project = tiny_project(tmp_path / "project")
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-           "BUDCACHE_PROJECT_DIR": str(project), "BUDCACHE_KEDRO": str(KEDRO)}
-    folder = export(tmp_path / "dags", env["BUDCACHE_BUDGETS"], project, "--env", "tiny_flux")
+    env = {**environment(project, budgets=TINY_BUDGETS), "BUDCACHE_PROJECT_DIR": str(project), "BUDCACHE_KEDRO": str(KEDRO)}
+    folder = export(tmp_path / "dags", TINY_BUDGETS, project, "--env", "tiny_flux")
     report = inspect(folder, tmp_path, "--test", DAG_ID, env=env)
     tasks = report["dags"][DAG_ID]
     assert report["states"] == {task: "success" for task in tasks}

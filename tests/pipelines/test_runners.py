@@ -9,14 +9,14 @@ leaving out only what measures time.
 
 from __future__ import annotations
 
-from tests.reduced_project import kedro, tiny_project
+from tests.reduced_project import TINY_BUDGETS, environment, kedro, tiny_project
 from tests.run_records import ladder_files, run_record
 
 
 def test_the_thread_runner_registers_the_sequential_ladder_and_run(tiny_runs, tmp_path):
-    sequential, env = tiny_runs("flux")
+    sequential, _ = tiny_runs("flux")
     threaded = tiny_project(tmp_path / "project")
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{threaded / 'mlflow.db'}", "COLUMNS": "400"}
+    env = {**environment(threaded, budgets=TINY_BUDGETS), "COLUMNS": "400"}
     result = kedro(threaded, "run", "--env", "tiny_flux", "--runner", "ThreadRunner", env=env)
     log = " ".join((result.stdout + result.stderr).split())
     first_search_done = log.index("Completed node: budget_")

@@ -20,7 +20,16 @@ from budcache_pipeline.models.adapter import Size
 from budcache_pipeline.models.spec import ModelSpec, load_adapter
 
 logger = logging.getLogger(__name__)
-_LOADED = threading.local()
+
+
+class _Loaded(threading.local):
+    """This thread's loaded adapter, by the `model:` block's content."""
+
+    def __init__(self) -> None:
+        self.adapters: dict[str, Any] = {}
+
+
+_LOADED = _Loaded()
 
 
 def model_spec(model_params: dict[str, Any]) -> ModelSpec:
@@ -30,7 +39,7 @@ def model_spec(model_params: dict[str, Any]) -> ModelSpec:
 def load_model(model_params: dict[str, Any]) -> Any:
     """The configured adapter on its device (cached per thread by the block's content), progress bars off."""
     key = json.dumps(model_params, sort_keys=True, default=str)
-    loaded: dict[str, Any] = _LOADED.__dict__.setdefault("adapters", {})
+    loaded = _LOADED.adapters
     if key not in loaded:
         spec = model_spec(model_params)
         adapter = load_adapter(spec)
