@@ -156,12 +156,14 @@ def evaluate_methods(
     timing_images: int = 8,
     collect: dict[tuple[str, int], torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
+    run: Callable[[CacheMethod, RolloutSet], MethodRun] = run_method,
 ) -> pd.DataFrame:
     """Run the uncached model and every method on `data` (a held-out set with its uncached finals).
 
     Wall time is per image at batch 1 for every method, so speedups compare like with
     like; threshold caches that share decisions across a batch run per image anyway.
     `collect`, when given, receives each row's final latents keyed by (method, budget).
+    `run` runs one method over `data` (e.g. `evaluation_shards.saved_method_run`, batch by batch).
     """
     if data.reference is None:
         raise ValueError("the held-out set has no uncached finals: build it with RolloutSet.from_reference")
@@ -177,12 +179,12 @@ def evaluate_methods(
     rows = []
     entries = [EvalMethod(UNCACHED, data.steps, CacheMethod.none()), *methods]
     for entry in entries:
-        run = run_method(entry.method, data)
-        seconds = _timing(entry.method, data, run, timing_images)
-        scores = quality.image_scores(run.final, reference_images)
-        rows.append(_row(entry.name, entry.budget, entry.method, data, run, seconds, scores, entry.info))
+        done = run(entry.method, data)
+        seconds = _timing(entry.method, data, done, timing_images)
+        scores = quality.image_scores(done.final, reference_images)
+        rows.append(_row(entry.name, entry.budget, entry.method, data, done, seconds, scores, entry.info))
         if collect is not None:
-            collect[(entry.name, entry.budget)] = run.final
+            collect[(entry.name, entry.budget)] = done.final
         say(
             f"{entry.name} B={entry.budget}: {rows[-1]['compute_steps_mean']:.2f}±{rows[-1]['compute_steps_std']:.2f} "
             f"steps, latent MSE {rows[-1]['latent_mse']:.4g}, {seconds[0] * 1000:.1f} ms/image"

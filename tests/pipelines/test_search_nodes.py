@@ -1,11 +1,14 @@
-"""The search node's calibration subset: balanced over categories, and bad sizes named."""
+"""The search node: its calibration subset (balanced over categories, bad sizes named) and its torchrun ranks."""
 
 import logging
 
 import pandas as pd
 import pytest
 
-from budcache_pipeline.pipelines.search.nodes import calibration_subset
+from budcache_pipeline.pipelines.common import load_model, model_size
+from budcache_pipeline.pipelines.search.nodes import calibration_subset, search_budget
+from budcache_pipeline.search import compute_reference
+from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 
 
 class _Reference:
@@ -37,3 +40,36 @@ def test_prompts_without_a_teacher_are_refused_naming_the_fix():
     extra = pd.concat([PROMPTS, pd.DataFrame({"prompt": ["c new"], "seed": [9], "category": ["c"]})])
     with pytest.raises(ValueError, match="1 calibration prompt\\(s\\) have no teacher .*kedro run --pipelines reference"):
         calibration_subset(extra, _Reference(), None)
+
+
+MODEL = {"adapter": "flux", "weights": "tiny", "height": 16, "width": 16, "steps": 8, "torch_threads": 2}
+SEARCH = {"calibration_size": None, "starts": ["dp", "uniform"], "forced": [0], "seed": 0, "sa_iterations": 12,
+          "hc_rounds": 2, "screen_samples": 4, "dp_samples": 4, "forecast": "reuse", "max_cached_states": 64}
+
+
+def test_the_node_on_two_torchrun_processes_finds_the_one_process_policy(tmp_path):
+    adapter = load_model(MODEL)
+    prompts = pd.DataFrame({"prompt": [f"prompt {i}" for i in range(8)], "seed": list(range(8))})
+    reference = compute_reference(adapter, prompts["prompt"].tolist(), prompts["seed"].tolist(), 8,
+                                  model_size(adapter, MODEL), progress=False)
+    found = {}
+    for processes in (1, 2):
+        params = {**SEARCH, "processes": processes, "checkpoint_dir": str(tmp_path / f"checkpoints{processes}")}
+        found[processes] = search_budget(reference, prompts, MODEL, params, 4)
+    (one, one_history, one_summary), (two, two_history, two_summary) = found[1], found[2]
+    assert (one_summary["processes"], two_summary["processes"]) == (1, 2)
+    assert two.mask == one.mask
+    assert (two.model_name, two.model_fingerprint, two.model_weights) == (one.model_name, one.model_fingerprint, one.model_weights)
+    assert two.provenance["cost"] == one.provenance["cost"] and two.provenance["search"] == one.provenance["search"]
+    assert two.provenance["scores"]["calibration_mse"] == pytest.approx(
+        one.provenance["scores"]["calibration_mse"], rel=LOSS_RELATIVE_TOLERANCE)
+    assert len(two_history) == len(one_history)
+    assert two_summary["prefix_states"].keys() == one_summary["prefix_states"].keys()
+    assert not any((tmp_path / "checkpoints2").glob("*.json"))  # removed once the policy exists
+
+
+@pytest.mark.parametrize("processes", [0, -1, 1.5, "2", True])
+def test_a_process_count_that_is_not_a_positive_integer_is_refused(processes):
+    reference = type("Reference", (), {"steps": 8})()
+    with pytest.raises(ValueError, match="search.processes must be a positive integer"):
+        search_budget(reference, PROMPTS, MODEL, {**SEARCH, "processes": processes}, 4)

@@ -1,17 +1,19 @@
-"""The search sharded over processes: torchrun with gloo at K = 1 and K = 2 gives the same search."""
+"""The search sharded over processes: torchrun with gloo at K = 1 and K = 2 gives the same search; a killed rank resumes."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from budcache_pipeline.models.spec import ModelSpec, load_adapter
-from budcache_pipeline.search import compute_reference
+from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
 from budcache_pipeline.search.distributed import Shard
 from budcache_pipeline.search.reference import save_reference
 from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
@@ -60,3 +62,57 @@ def test_two_processes_find_the_one_process_mask_with_losses_within_rounding(tmp
         assert a["current_loss"] == pytest.approx(b["current_loss"], rel=LOSS_RELATIVE_TOLERANCE)
     for key in ("block_stack_calls", "start_block_stack_calls", "evaluations", "calibration_pairs"):
         assert two["cost"][key] == one["cost"][key], key
+
+
+def _rank_pid(agent: int, rank: int) -> int | None:
+    """The pid of torchrun worker `rank` among the agent's children (its environment names the rank)."""
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+def test_a_killed_rank_ends_the_run_with_a_clear_message_and_a_rerun_resumes_to_the_same_mask(tmp_path):
+    adapter = load_adapter(MODEL)
+    size = ModelSpec.from_params(MODEL).output_size(adapter)
+    prompts = [f"prompt {i}" for i in range(8)]
+    reference = compute_reference(adapter, prompts, list(range(8)), 10, size, progress=False)
+    save_reference(reference, tmp_path / "ref")
+    search = {**SEARCH, "sa_iterations": 120}
+    settings = {**search, "starts": tuple(search["starts"])}
+    expected = search_policy(MaskObjective(adapter, reference), 4, **settings)
+    checkpoint, result = tmp_path / "checkpoint.json", tmp_path / "result.json"
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"model": MODEL, "reference": str(tmp_path / "ref"), "budget": 4, "torch_threads": 1,
+                               "search": search, "result": str(result), "checkpoint": str(checkpoint)}))
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node=2",
+               "-m", "budcache_pipeline.search.search_worker", str(job)]
+    # The lowest CPU priority, so that this process wakes in time to kill rank 1 mid-search.
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=lambda: os.nice(19))
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert run.poll() is None, f"the search ended ({run.returncode}) before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.01)
+    victim = _rank_pid(run.pid, 1)
+    assert victim is not None and run.poll() is None, "the search finished before rank 1 could be killed"
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode != 0
+    assert "rank 0 of 2 stopped by torchrun because another rank failed" in stderr
+    assert f"The search so far is in checkpoint {checkpoint}; rerun the same command to resume" in stderr
+    assert not result.exists() and checkpoint.exists()
+    saved = json.loads(checkpoint.read_text())
+    assert saved["chains"], "the checkpoint holds the search up to the kill"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = json.loads(result.read_text())
+    assert resumed["mask"] == expected.mask
+    assert resumed["loss"] == pytest.approx(expected.loss, rel=LOSS_RELATIVE_TOLERANCE)
+    assert [s["mask"] for s in resumed["starts"]] == [s["mask"] for s in expected.starts]

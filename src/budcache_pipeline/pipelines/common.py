@@ -9,9 +9,11 @@ transformer and alignment freezes its parameters, so two budgets side by side mu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,3 +66,10 @@ def model_steps(model_params: dict[str, Any]) -> int:
     if steps is None:
         raise ValueError("model.steps is not set: give the number of sampling steps the policies are searched for")
     return int(steps)
+
+
+def resume_dir(root: str, name: str, identity: dict[str, Any]) -> Path:
+    """A scratch folder per (name, model, settings, inputs): an interrupted run resumes in it,
+    and a run with other inputs or settings never picks up its batches."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / f"{name}-{digest}"

@@ -16,14 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from budcache_pipeline.models.spec import load_adapter
+from budcache_pipeline.policy import model_fingerprint, weights_digest
 from budcache_pipeline.search.distributed import Shard, run_worker
 from budcache_pipeline.search.engine import SearchResult, search_policy
 from budcache_pipeline.search.objective import MaskObjective
+from budcache_pipeline.search.prefix_store import PREFIX_STATE_STATS
 from budcache_pipeline.search.reference import load_reference
+
+MODULE = "budcache_pipeline.search.search_worker"
 
 
 def run_search_job(job: dict[str, Any], shard: Shard) -> SearchResult:
-    """The search a job file describes, on this rank's rows; rank 0 writes `job["result"]`."""
+    """The search a job file describes, on this rank's rows; rank 0 writes `job["result"]`.
+
+    Beside the result: the process count, rank 0's prefix-store counters (each rank holds
+    its share of the states) and the model's fingerprint and weights digest for the policy.
+    """
     adapter = load_adapter(job["model"])
     objective = MaskObjective(adapter, load_reference(job["reference"]), shard=shard, **job.get("objective", {}))
     settings = dict(job.get("search", {}))
@@ -37,7 +45,14 @@ def run_search_job(job: dict[str, Any], shard: Shard) -> SearchResult:
         out = Path(job["result"])
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps({**result.to_dict(), "processes": shard.world_size}, indent=2))
+        written = {
+            **result.to_dict(),
+            "processes": shard.world_size,
+            "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
+            "model_fingerprint": model_fingerprint(adapter.transformer),
+            "model_weights": weights_digest(adapter.transformer),
+        }
+        tmp.write_text(json.dumps(written, indent=2))
         os.replace(tmp, out)
     shard.barrier("the result write")
     return result
@@ -62,7 +77,7 @@ def _stop_on_sigterm(job: dict[str, Any], shard: Shard) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_worker("budcache_pipeline.search.search_worker", argv, run_search_job, on_start=_stop_on_sigterm)
+    return run_worker(MODULE, argv, run_search_job, on_start=_stop_on_sigterm)
 
 
 if __name__ == "__main__":

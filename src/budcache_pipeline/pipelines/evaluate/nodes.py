@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from budcache_pipeline.caching.baselines import BaselineCalibrator, BaselineError, CacheMethod, RolloutSet
+from budcache_pipeline.caching.baselines import (
+    BaselineCalibrator,
+    BaselineError,
+    CacheMethod,
+    MethodRun,
+    RolloutSet,
+    run_method,
+)
 from budcache_pipeline.evaluation import EvalMethod, QualityMetrics, evaluate_methods, finite_or_none
-from budcache_pipeline.pipelines.common import load_model
+from budcache_pipeline.evaluation_shards import batch_slices, method_to_json, saved_method_run
+from budcache_pipeline.evaluation_worker import MODULE as EVALUATION_WORKER
+from budcache_pipeline.pipelines.common import load_model, resume_dir
 from budcache_pipeline.pipelines.search.nodes import calibration_subset
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.reporting import plot_convergence, plot_masks, plot_pareto, plot_sample_grid
 from budcache_pipeline.search import ReferenceSet
+from budcache_pipeline.search.distributed import launch_torchrun
+from budcache_pipeline.search.reference import save_reference
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +115,63 @@ def evaluate_ladder(
             methods.append(EvalMethod(calibration.name, budget, calibration.method, info={"match": calibration.match}))
     quality = _quality(adapter, reference_holdout, holdout_prompts, params)
     finals: dict[tuple[str, int], torch.Tensor] = {}
+    holdout = RolloutSet.from_reference(adapter, reference_holdout)
+    run, scratch = _held_out_runs(holdout, reference_holdout, [m.method for m in methods], model_params, params)
     table = evaluate_methods(
-        RolloutSet.from_reference(adapter, reference_holdout),
+        holdout,
         methods,
         quality,
         timing_images=int(params["timing_images"]),
         collect=finals,
         progress=logger.info,
+        run=run,
     )
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     samples = _samples(finals, quality, int(params["grid_images"]), reference_holdout.steps)
     return table, table, {"calibrations": calibrations, "unreachable": skipped}, samples
+
+
+def _held_out_runs(
+    holdout: RolloutSet,
+    reference: ReferenceSet,
+    methods: Sequence[CacheMethod],
+    model_params: dict[str, Any],
+    params: dict[str, Any],
+) -> tuple[Callable[[CacheMethod, RolloutSet], MethodRun], Path | None]:
+    """How each method's held-out run is made, and the scratch folder to remove afterwards.
+
+    Without `params.batch_size` every method runs over all held-out pairs at once. With it the
+    runs go batch by batch into a scratch folder under `params.resume_dir` (an interrupted run
+    resumes there), and with `params.processes` above 1 torchrun ranks fill their blocks of
+    batches first: the same batches, so the same table as one process with that batch size.
+    """
+    batch_size, processes = params.get("batch_size"), params.get("processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"evaluate.processes must be a positive integer (torchrun ranks), got {processes!r}")
+    batches = batch_slices(len(holdout), batch_size)
+    if processes > 1 and batch_size is None:
+        raise ValueError(
+            f"evaluate.processes {processes} needs evaluate.batch_size: the ranks share the held-out batches "
+            "(one process with the same batch_size gives the same table)"
+        )
+    if batch_size is None:
+        return run_method, None
+    identity = {**{k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")},
+                "batch_size": batch_size}
+    scratch = resume_dir(params["resume_dir"], "holdout", identity)
+    scratch.mkdir(parents=True, exist_ok=True)
+    if processes > 1:
+        if not (scratch / "reference" / "manifest.json").is_file():
+            save_reference(reference, scratch / "reference")
+        job = scratch / "job.json"
+        job.write_text(json.dumps({
+            "model": dict(model_params), "reference": str(scratch / "reference"), "batch_size": batch_size,
+            "methods": [method_to_json(m) for m in (CacheMethod.none(), *methods)], "out_dir": str(scratch),
+        }))
+        logger.info("held-out runs: %d batches of %d on %d torchrun processes", len(batches), batch_size, processes)
+        launch_torchrun(EVALUATION_WORKER, job, processes)
+    return partial(saved_method_run, out_dir=scratch, batch_size=batch_size), scratch
 
 
 def _samples(

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model, model_size, model_steps
+from budcache_pipeline.pipelines.common import load_model, model_size, model_steps, resume_dir
 from budcache_pipeline.policy import model_fingerprint
 from budcache_pipeline.search import ReferenceSet, compute_reference
 from budcache_pipeline.search.distributed import launch_torchrun
@@ -20,13 +18,6 @@ from budcache_pipeline.search.reference import prompts_seeds_sha256
 from budcache_pipeline.search.reference_worker import MODULE as REFERENCE_WORKER
 
 logger = logging.getLogger(__name__)
-
-
-def _resume_dir(root: str, split: str, identity: dict[str, Any]) -> Path:
-    """A scratch folder per (split, model, settings, prompts): an interrupted run resumes in it,
-    and a run with other prompts or settings never picks up its batches."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(root) / f"{split}-{digest}"
 
 
 def compute_reference_set(
@@ -50,7 +41,7 @@ def compute_reference_set(
         "batch_size": int(params["batch_size"]),
         "pairs": prompts_seeds_sha256(texts, seeds),
     }
-    resume = _resume_dir(params["resume_dir"], split, identity)
+    resume = resume_dir(params["resume_dir"], split, identity)
     started = time.perf_counter()
     processes = int(params.get("processes", 1))
     if processes > 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,12 @@ import pandas as pd
 from budcache_pipeline.pipelines.common import load_model, model_spec
 from budcache_pipeline.policy import CachePolicy, model_fingerprint, weights_digest
 from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy
+from budcache_pipeline.search.distributed import launch_torchrun
+from budcache_pipeline.search.engine import SearchResult
 from budcache_pipeline.search.objective import mask_key
 from budcache_pipeline.search.prefix_store import PREFIX_STATE_STATS, parse_bytes
+from budcache_pipeline.search.reference import save_reference
+from budcache_pipeline.search.search_worker import MODULE as SEARCH_WORKER
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,93 @@ def _checkpoint(directory: str | None, budget: int, signature: dict[str, Any]) -
     return Path(directory) / f"budget_{budget}-{digest}.json"
 
 
+def _settings(params: dict[str, Any], budget: int, pairs: int) -> dict[str, Any]:
+    """The search's settings as the policy's provenance records them (and the checkpoint is keyed by)."""
+    return {
+        "budget": budget,
+        "starts": list(params["starts"]),
+        "forced": list(params["forced"]),
+        "seed": int(params["seed"]),
+        "sa_iterations": int(params["sa_iterations"]),
+        "hc_rounds": int(params["hc_rounds"]),
+        "screen_samples": params.get("screen_samples"),
+        "dp_samples": int(params["dp_samples"]),
+        "calibration_pairs": pairs,
+        "forecast": str(params.get("forecast", "reuse")),
+    }
+
+
+def _objective_options(params: dict[str, Any], forecast: str) -> dict[str, Any]:
+    """`MaskObjective`'s bounds: what a search may keep in memory, which never changes its result."""
+    return {
+        "max_cached_states": int(params["max_cached_states"]),
+        "forecast": forecast,
+        "max_state_bytes": parse_bytes(params.get("max_state_bytes")),
+        "max_host_state_bytes": parse_bytes(params.get("max_host_state_bytes")) or 0,
+    }
+
+
+def _engine_options(settings: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """`search_policy`'s keyword arguments from the settings."""
+    return {
+        "starts": tuple(settings["starts"]),
+        "forced": tuple(settings["forced"]),
+        "seed": settings["seed"],
+        "sa_iterations": settings["sa_iterations"],
+        "hc_rounds": settings["hc_rounds"],
+        "progress": bool(params.get("progress", False)),
+        "screen_samples": settings["screen_samples"],
+        "dp_samples": settings["dp_samples"],
+    }
+
+
+def _search_here(
+    reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
+    budget: int, engine_options: dict[str, Any], checkpoint: Path | None,
+) -> dict[str, Any]:
+    """The search in this process: its result, the prefix store's counters and the model's identity."""
+    adapter = load_model(model_params)
+    objective = MaskObjective(adapter, reference, **objective_options)
+    result = search_policy(objective, budget, checkpoint=checkpoint, **engine_options)
+    return {
+        "result": result,
+        "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
+        "model_fingerprint": model_fingerprint(adapter.transformer),
+        "model_weights": weights_digest(adapter.transformer),
+    }
+
+
+def _search_under_torchrun(
+    reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
+    budget: int, engine_options: dict[str, Any], checkpoint: Path | None, processes: int,
+) -> dict[str, Any]:
+    """The search on `processes` torchrun ranks sharing the calibration rows (the one-process mask).
+
+    The node writes the calibration subset and a job file to a scratch folder and reads back
+    rank 0's result; it never loads the model itself, so a GPU box holds the model once per rank.
+    On a CPU each rank gets its share of the configured torch threads.
+    """
+    threads = int(model_params.get("torch_threads") or os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix=f"budcache-search-{budget}-") as scratch:
+        folder = Path(scratch)
+        save_reference(reference, folder / "reference")
+        job = {
+            "model": {**model_params, "torch_threads": max(1, threads // processes)},
+            "reference": str(folder / "reference"),
+            "budget": budget,
+            "torch_threads": max(1, threads // processes),
+            "search": {**engine_options, "starts": list(engine_options["starts"]),
+                       "forced": list(engine_options["forced"])},
+            "objective": objective_options,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "result": str(folder / "result.json"),
+        }
+        (folder / "job.json").write_text(json.dumps(job))
+        launch_torchrun(SEARCH_WORKER, folder / "job.json", processes)
+        written = json.loads((folder / "result.json").read_text())
+    return {**written, "result": SearchResult.from_dict(written)}
+
+
 def search_budget(
     reference_calibration: ReferenceSet,
     calibration_prompts: pd.DataFrame,
@@ -68,64 +161,57 @@ def search_budget(
     """Multi-start SA + HC for one budget; returns the policy, its convergence record and a summary.
 
     The search checkpoints into `params.checkpoint_dir` and resumes from there when a run
-    is interrupted; the checkpoint is removed once the policy exists.
+    is interrupted; the checkpoint is removed once the policy exists. With `params.processes`
+    above 1 it runs on that many torchrun ranks, each holding its share of the rows.
     """
     if budget > reference_calibration.steps:
         raise ValueError(
             f"budget {budget} exceeds the reference's {reference_calibration.steps} steps: "
             "lower BUDCACHE_BUDGETS / settings.BUDGETS or raise model.steps"
         )
-    adapter = load_model(model_params)
+    processes = _processes(params)
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     reference = reference_calibration.subset(indices)
-    settings = {
-        "budget": budget,
-        "starts": list(params["starts"]),
-        "forced": list(params["forced"]),
-        "seed": int(params["seed"]),
-        "sa_iterations": int(params["sa_iterations"]),
-        "hc_rounds": int(params["hc_rounds"]),
-        "screen_samples": params.get("screen_samples"),
-        "dp_samples": int(params["dp_samples"]),
-        "calibration_pairs": len(reference),
-        "forecast": str(params.get("forecast", "reuse")),
-    }
+    settings = _settings(params, budget, len(reference))
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
-    objective = MaskObjective(
-        adapter,
-        reference,
-        max_cached_states=int(params["max_cached_states"]),
-        forecast=settings["forecast"],
-        max_state_bytes=parse_bytes(params.get("max_state_bytes")),
-        max_host_state_bytes=parse_bytes(params.get("max_host_state_bytes")) or 0,
-    )
-    result = search_policy(
-        objective,
-        budget,
-        starts=tuple(params["starts"]),
-        forced=tuple(params["forced"]),
-        seed=int(params["seed"]),
-        sa_iterations=int(params["sa_iterations"]),
-        hc_rounds=int(params["hc_rounds"]),
-        checkpoint=checkpoint,
-        progress=bool(params.get("progress", False)),
-        screen_samples=params.get("screen_samples"),
-        dp_samples=int(params["dp_samples"]),
-    )
+    run = _search_under_torchrun if processes > 1 else _search_here
+    extra = (processes,) if processes > 1 else ()
+    found = run(reference, model_params, _objective_options(params, settings["forecast"]), budget,
+                _engine_options(settings, params), checkpoint, *extra)
+    result: SearchResult = found["result"]
     policy = result_to_policy(
         result,
         model_name=model_spec(model_params).registered_name,
-        model_fingerprint=model_fingerprint(adapter.transformer),
-        model_weights=weights_digest(adapter.transformer),
+        model_fingerprint=found["model_fingerprint"],
+        model_weights=found["model_weights"],
         sigmas=reference.sigmas,
         settings=settings,
         scores={"calibration_mse": result.loss},
     )
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    summary = {
-        "budget": budget,
+    logger.info(
+        "budget %d: calibration MSE %.4g (starts %.4g..%.4g), %d evaluations in %.1fs on %d process(es)",
+        budget, result.loss, result.spread["min"], result.spread["max"],
+        result.cost["evaluations"], result.cost["wall_seconds"], processes,
+    )
+    return policy, result.history, _summary(result, settings, found["prefix_states"], processes)
+
+
+def _processes(params: dict[str, Any]) -> int:
+    processes = params.get("processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"search.processes must be a positive integer (torchrun ranks), got {processes!r}")
+    return processes
+
+
+def _summary(
+    result: SearchResult, settings: dict[str, Any], prefix_states: dict[str, Any], processes: int
+) -> dict[str, Any]:
+    """What the search found and what it cost, for the report and the MLflow run."""
+    return {
+        "budget": result.budget,
         "steps": result.steps,
         "mask": mask_key(result.mask),
         "calibration_mse": result.loss,
@@ -134,12 +220,7 @@ def search_budget(
             {k: s[k] for k in ("start", "initial_loss", "sa_loss", "final_loss")} for s in result.starts
         ],
         "cost": result.cost,
-        "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
+        "processes": processes,
+        "prefix_states": prefix_states,
         "settings": settings,
     }
-    logger.info(
-        "budget %d: calibration MSE %.4g (starts %.4g..%.4g), %d evaluations in %.1fs",
-        budget, result.loss, result.spread["min"], result.spread["max"],
-        result.cost["evaluations"], result.cost["wall_seconds"],
-    )
-    return policy, result.history, summary
