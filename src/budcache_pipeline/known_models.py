@@ -1,0 +1,134 @@
+"""Released models the cost model predicts for, as data: transformer configs, sizes, and quoted figures.
+
+The configs are the `transformer/config.json` files of the diffusers checkpoints, copied here so
+`docs/cost.md` can be recomputed without downloading anything. Sources:
+- FLUX.1-dev: https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/transformer/config.json
+- Wan2.1-T2V-1.3B: https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json
+Figures marked `assumed` are NOT measured here (no GPU); `budcache bench gpu` measures them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FLUX_1_DEV_TRANSFORMER: dict[str, Any] = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+WAN21_T2V_1_3B_TRANSFORMER: dict[str, Any] = {
+    "_class_name": "WanTransformer3DModel",
+    "added_kv_proj_dim": None,
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-06,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "image_dim": None,
+    "in_channels": 16,
+    "num_attention_heads": 12,
+    "num_layers": 30,
+    "out_channels": 16,
+    "patch_size": [1, 2, 2],
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+    "text_dim": 4096,
+}
+
+WAN21_SCHEDULER: dict[str, Any] = {
+    "_class_name": "UniPCMultistepScheduler",
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+}
+"""The scheduler `WanPipeline` ships for Wan2.1 (solver_order 2, diffusers' default)."""
+
+FLUX_SCHEDULER: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A released model at the size it is served at, and the figures the cost model needs beyond its config.
+
+    `per_call_seconds` (one transformer call, one sample, bfloat16, H100-class GPU) and
+    `resident_bytes` (text encoders and VAE kept on the GPU beside the transformer) are quoted or
+    assumed, with `sources` saying which.
+    """
+
+    name: str
+    transformer: dict[str, Any]
+    scheduler: dict[str, Any]
+    height: int
+    width: int
+    num_frames: int | None
+    steps: int
+    budget: int
+    contexts: int
+    latent_dtype: str
+    per_call_seconds: float
+    resident_bytes: int
+    text_tokens: int = 512
+    vae_scale_factor: int = 8
+    vae_temporal_factor: int = 4
+    dtype: str = "bfloat16"
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def build_scheduler(self) -> Any:
+        import diffusers
+
+        settings = {k: v for k, v in self.scheduler.items() if not k.startswith("_")}
+        return getattr(diffusers, self.scheduler["_class_name"])(**settings)
+
+
+FLUX_1_DEV = KnownModel(
+    name="FLUX.1-dev 1024x1024, 28 steps",
+    transformer=FLUX_1_DEV_TRANSFORMER,
+    scheduler=FLUX_SCHEDULER,
+    height=1024,
+    width=1024,
+    num_frames=None,
+    steps=28,
+    budget=10,
+    contexts=1,
+    latent_dtype="bfloat16",
+    per_call_seconds=0.2,
+    resident_bytes=10_200_000_000,
+    sources={
+        "per_call_seconds": "assumed, NOT measured here: issue 18 / DESIGN.md section 6, "
+        "'about 0.2 s per image per call on an H100-class GPU'",
+        "resident_bytes": "quoted from README (parameter counts in bfloat16): T5-XXL encoder about 9.5 GB, "
+        "CLIP and the VAE under 1 GB (0.7 GB taken)",
+    },
+)
+
+WAN21_T2V_1_3B = KnownModel(
+    name="Wan2.1-T2V-1.3B 480x832, 81 frames, 50 steps",
+    transformer=WAN21_T2V_1_3B_TRANSFORMER,
+    scheduler=WAN21_SCHEDULER,
+    height=480,
+    width=832,
+    num_frames=81,
+    steps=50,
+    budget=20,
+    contexts=2,
+    latent_dtype="float32",
+    per_call_seconds=0.46,
+    resident_bytes=11_500_000_000,
+    sources={
+        "per_call_seconds": "assumed, NOT measured here: FLUX.1-dev's assumed 0.2 s scaled by the ratio of "
+        "matmul FLOPs per call (about 2.3x: 2 x parameters x tokens plus 4 x layers x tokens^2 x hidden), see docs/cost.md",
+        "resident_bytes": "quoted from README: UMT5-XXL encoder about 11 GB, the Wan VAE about 0.5 GB",
+    },
+)
+
+KNOWN_MODELS: dict[str, KnownModel] = {"flux-dev": FLUX_1_DEV, "wan21-1.3b": WAN21_T2V_1_3B}
