@@ -308,6 +308,23 @@ def predict(inputs: CostInputs, gpus: int = 1) -> CostPrediction:
     )
 
 
+def recommended_max_state_bytes(
+    inputs: CostInputs, gpus: int, gpu_bytes: int = 80 * 10**9, margin_bytes: int = 8 * 10**9
+) -> int:
+    """`search.max_state_bytes` for one store: what a GPU has left after weights, resident components,
+    one forward's working memory and a margin (allocator, CUDA context), shared by the prefix stores.
+
+    0 (no prefix store) when not even one state of P/K rows fits: a smaller bound than one state stores nothing.
+    """
+    _check_positive(gpus=gpus)
+    _check_non_negative(gpu_bytes=gpu_bytes, margin_bytes=margin_bytes)
+    rows = math.ceil(inputs.calibration_prompts / gpus)
+    free = gpu_bytes - margin_bytes - inputs.weight_bytes - inputs.resident_bytes
+    free -= rows * inputs.activation_bytes_per_sample
+    bound = max(0, free) // inputs.prefix_stores
+    return int(bound) if bound >= rows * inputs.state_bytes_per_sample else 0
+
+
 def format_bytes(value: float) -> str:
     """Decimal units (MB, GB), as the design notes quote sizes."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -9,8 +9,21 @@ Figures marked `assumed` are NOT measured here (no GPU); `budcache bench gpu` me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from budcache_pipeline.cost import (
+    CostInputs,
+    CostPrediction,
+    StateSize,
+    TransformerShape,
+    activation_estimate,
+    predict,
+    recommended_max_state_bytes,
+    solver_history_tensors,
+    state_size,
+    transformer_shape,
+)
 
 FLUX_1_DEV_TRANSFORMER: dict[str, Any] = {
     "_class_name": "FluxTransformer2DModel",
@@ -60,9 +73,10 @@ FLUX_SCHEDULER: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteSchedule
 class KnownModel:
     """A released model at the size it is served at, and the figures the cost model needs beyond its config.
 
-    `per_call_seconds` (one transformer call, one sample, bfloat16, H100-class GPU) and
-    `resident_bytes` (text encoders and VAE kept on the GPU beside the transformer) are quoted or
-    assumed, with `sources` saying which.
+    `per_call_seconds` (one transformer call, one sample, bfloat16, H100-class GPU),
+    `resident_bytes` (text encoders and VAE kept on the GPU beside the transformer) and
+    `search_rollouts` (one budget's search in calibration-rollout equivalents) are quoted,
+    assumed or measured on a tiny model, with `sources` saying which.
     """
 
     name: str
@@ -77,6 +91,7 @@ class KnownModel:
     latent_dtype: str
     per_call_seconds: float
     resident_bytes: int
+    search_rollouts: float
     text_tokens: int = 512
     vae_scale_factor: int = 8
     vae_temporal_factor: int = 4
@@ -88,6 +103,45 @@ class KnownModel:
 
         settings = {k: v for k, v in self.scheduler.items() if not k.startswith("_")}
         return getattr(diffusers, self.scheduler["_class_name"])(**settings)
+
+    def shape(self) -> TransformerShape:
+        return transformer_shape(
+            self.transformer, self.height, self.width, self.num_frames, text_tokens=self.text_tokens,
+            vae_scale_factor=self.vae_scale_factor, vae_temporal_factor=self.vae_temporal_factor,
+        )
+
+    def state(self, forecast: str = "linear") -> StateSize:
+        """One sample's prefix state as the search stores it (the default forecast is linear)."""
+        return state_size(
+            self.shape(), dtype=self.dtype, latent_dtype=self.latent_dtype, contexts=self.contexts,
+            forecast=forecast, solver_tensors=solver_history_tensors(self.build_scheduler()),
+        )
+
+
+def known_inputs(
+    model: KnownModel, *, per_call_seconds: float | None = None, calibration_prompts: int = 32, forecast: str = "linear"
+) -> CostInputs:
+    """The cost model's inputs for `model` (its own per-call time unless a measured one is given)."""
+    shape = model.shape()
+    item = 2 if model.dtype in ("bfloat16", "float16") else 4
+    return CostInputs(
+        per_call_seconds=model.per_call_seconds if per_call_seconds is None else per_call_seconds,
+        calls_per_step=model.contexts,
+        steps=model.steps,
+        budget=model.budget,
+        calibration_prompts=calibration_prompts,
+        search_rollouts=model.search_rollouts,
+        state_bytes_per_sample=model.state(forecast).state_bytes,
+        weight_bytes=shape.parameters * item,
+        resident_bytes=model.resident_bytes,
+        activation_bytes_per_sample=activation_estimate(shape, model.dtype),
+    )
+
+
+def plan(inputs: CostInputs, gpus: int) -> tuple[int, CostPrediction]:
+    """The recommended `max_state_bytes` on `gpus` H100-class (80 GB) GPUs and the prediction under it."""
+    bound = recommended_max_state_bytes(inputs, gpus)
+    return bound, predict(replace(inputs, max_state_bytes=bound), gpus)
 
 
 FLUX_1_DEV = KnownModel(
@@ -102,6 +156,7 @@ FLUX_1_DEV = KnownModel(
     contexts=1,
     latent_dtype="bfloat16",
     per_call_seconds=0.2,
+    search_rollouts=8.9,
     resident_bytes=10_200_000_000,
     sources={
         "per_call_seconds": "assumed, NOT measured here: issue 18 / DESIGN.md section 6, "
@@ -123,6 +178,7 @@ WAN21_T2V_1_3B = KnownModel(
     contexts=2,
     latent_dtype="float32",
     per_call_seconds=0.46,
+    search_rollouts=18.9,
     resident_bytes=11_500_000_000,
     sources={
         "per_call_seconds": "assumed, NOT measured here: FLUX.1-dev's assumed 0.2 s scaled by the ratio of "
