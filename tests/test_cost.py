@@ -11,6 +11,7 @@ from budcache_pipeline.cost import (
     CostInputs,
     CostModelError,
     predict,
+    recommended_max_state_bytes,
     search_rollouts,
     solver_history_tensors,
     state_size,
@@ -120,9 +121,26 @@ def test_prediction_scales_with_its_inputs_and_shards_over_gpus():
     guided = predict(_inputs(calls_per_step=2), 1)
     assert guided.reference_gpu_minutes == pytest.approx(2 * one.reference_gpu_minutes)
     assert one.image_seconds_cached / one.image_seconds_uncached == pytest.approx(10 / 28)
+    assert eight.reference_gpu_minutes == pytest.approx(one.reference_gpu_minutes)
+    # Ranks take whole reference batches: one batch of 32 cannot be shared, eight batches of 4 can.
+    assert eight.reference_wall_minutes == pytest.approx(one.reference_wall_minutes)
+    small = predict(_inputs(reference_batch=4), 8)
+    assert small.reference_wall_minutes == pytest.approx(one.reference_wall_minutes / 8)
+    assert small.reference_peak_bytes_per_gpu < eight.reference_peak_bytes_per_gpu
     bounded = predict(_inputs(max_state_bytes=5_000_000_000), 1)
     assert bounded.search_state_bytes_per_gpu == 2 * 5_000_000_000
     assert bounded.search_peak_bytes_per_gpu < one.search_peak_bytes_per_gpu
+
+
+def test_recommended_bound_fills_the_gpu_or_stores_nothing():
+    inputs = _inputs()
+    bound = recommended_max_state_bytes(inputs, 1, gpu_bytes=80 * 10**9, margin_bytes=8 * 10**9)
+    left = 80e9 - 8e9 - inputs.weight_bytes - inputs.resident_bytes - 32 * inputs.activation_bytes_per_sample
+    assert bound == int(left // 2) and bound >= 32 * inputs.state_bytes_per_sample
+    peak = predict(dataclasses.replace(inputs, max_state_bytes=bound), 1).search_peak_bytes_per_gpu
+    assert peak <= 80e9 - 8e9
+    huge = dataclasses.replace(inputs, state_bytes_per_sample=10**9)
+    assert recommended_max_state_bytes(huge, 1) == 0
 
 
 def test_search_rollouts_from_a_summary_cost():

@@ -273,10 +273,11 @@ def predict(inputs: CostInputs, gpus: int = 1) -> CostPrediction:
 
     Time: every transformer call costs `per_call_seconds` per sample (linear in rows: a big model's
     call is compute-bound). The reference runs `steps x calls_per_step` calls per prompt; the search
-    `search_rollouts x steps x calls_per_step` calls per calibration prompt. Sharding divides wall
-    time by K and leaves GPU-minutes unchanged. Memory per GPU: weights and resident components,
-    plus the working memory of the rows in one forward (a reference batch; the search's P/K
-    calibration rows, one candidate per forward), plus, for the search, the prefix states: each of
+    `search_rollouts x steps x calls_per_step` calls per calibration prompt. GPU-minutes do not
+    depend on K; the search's wall time divides by K (rows sharded), the reference's by as many
+    GPUs as it has batches of `reference_batch` (ranks take whole batches). Memory per GPU: weights
+    and resident components, plus the working memory of the rows in one forward (a reference batch;
+    the search's P/K calibration rows, one candidate per forward), plus, for the search, the prefix states: each of
     `prefix_stores` stores (the objective and its screening subset) holds up to `max_cached_states`
     states of P/K rows, at most `max_state_bytes`.
     """
@@ -288,7 +289,9 @@ def predict(inputs: CostInputs, gpus: int = 1) -> CostPrediction:
     reference_seconds = reference_prompts * inputs.steps * call
     search_seconds = inputs.search_rollouts * inputs.steps * inputs.calibration_prompts * call
     rows = math.ceil(inputs.calibration_prompts / gpus)
-    reference_rows = min(inputs.reference_batch, math.ceil(reference_prompts / gpus))
+    reference_rows = min(inputs.reference_batch, reference_prompts)
+    batches = math.ceil(reference_prompts / reference_rows)
+    reference_wall = math.ceil(batches / gpus) * reference_rows * inputs.steps * call
     fixed = inputs.weight_bytes + inputs.resident_bytes
     per_store = inputs.max_cached_states * rows * inputs.state_bytes_per_sample
     if inputs.max_state_bytes is not None:
@@ -299,7 +302,7 @@ def predict(inputs: CostInputs, gpus: int = 1) -> CostPrediction:
         image_seconds_uncached=inputs.steps * call,
         image_seconds_cached=inputs.budget * call,
         reference_gpu_minutes=reference_seconds / 60,
-        reference_wall_minutes=reference_seconds / 60 / gpus,
+        reference_wall_minutes=min(reference_wall, reference_seconds) / 60,
         reference_peak_bytes_per_gpu=fixed + reference_rows * inputs.activation_bytes_per_sample,
         search_gpu_minutes=search_seconds / 60,
         search_wall_minutes=search_seconds / 60 / gpus,

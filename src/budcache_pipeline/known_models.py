@@ -119,9 +119,18 @@ class KnownModel:
 
 
 def known_inputs(
-    model: KnownModel, *, per_call_seconds: float | None = None, calibration_prompts: int = 32, forecast: str = "linear"
+    model: KnownModel,
+    *,
+    per_call_seconds: float | None = None,
+    calibration_prompts: int = 32,
+    forecast: str = "linear",
+    reference_batch: int = 4,
 ) -> CostInputs:
-    """The cost model's inputs for `model` (its own per-call time unless a measured one is given)."""
+    """The cost model's inputs for `model` (its own per-call time unless a measured one is given).
+
+    `reference_batch` 4 (`reference.batch_size`) gives 8 GPUs a batch each of 32 prompts and keeps a
+    batch's working memory small; the project's default of 32 would leave 7 of 8 GPUs idle.
+    """
     shape = model.shape()
     item = 2 if model.dtype in ("bfloat16", "float16") else 4
     return CostInputs(
@@ -135,6 +144,7 @@ def known_inputs(
         weight_bytes=shape.parameters * item,
         resident_bytes=model.resident_bytes,
         activation_bytes_per_sample=activation_estimate(shape, model.dtype),
+        reference_batch=reference_batch,
     )
 
 
@@ -161,6 +171,9 @@ FLUX_1_DEV = KnownModel(
     sources={
         "per_call_seconds": "assumed, NOT measured here: issue 18 / DESIGN.md section 6, "
         "'about 0.2 s per image per call on an H100-class GPU'",
+        "search_rollouts": "measured here on tiny FLUX (kedro run --env tiny_flux, default search settings, "
+        "32 calibration pairs, budget 10 of 28) with 7 prefix states per store, what the 1-GPU bound holds "
+        "(8.4 with 256 states, 9.6 with no store; same mask in every case)",
         "resident_bytes": "quoted from README (parameter counts in bfloat16): T5-XXL encoder about 9.5 GB, "
         "CLIP and the VAE under 1 GB (0.7 GB taken)",
     },
@@ -178,13 +191,47 @@ WAN21_T2V_1_3B = KnownModel(
     contexts=2,
     latent_dtype="float32",
     per_call_seconds=0.46,
-    search_rollouts=18.9,
+    search_rollouts=21.6,
     resident_bytes=11_500_000_000,
     sources={
         "per_call_seconds": "assumed, NOT measured here: FLUX.1-dev's assumed 0.2 s scaled by the ratio of "
         "matmul FLOPs per call (about 2.3x: 2 x parameters x tokens plus 4 x layers x tokens^2 x hidden), see docs/cost.md",
+        "search_rollouts": "measured here on tiny Wan (kedro run --env tiny_wan, default search settings, "
+        "32 calibration pairs, budget 20 of 50, UniPC, guidance 5.0) with no prefix store, what fits on one "
+        "80 GB GPU (18.9 with 256 states, 20.0 with 15; same mask in every case)",
         "resident_bytes": "quoted from README: UMT5-XXL encoder about 11 GB, the Wan VAE about 0.5 GB",
     },
 )
 
 KNOWN_MODELS: dict[str, KnownModel] = {"flux-dev": FLUX_1_DEV, "wan21-1.3b": WAN21_T2V_1_3B}
+
+
+def cost_table(gpus: tuple[int, ...] = (1, 8), calibration_prompts: int = 32) -> str:
+    """The figures of docs/cost.md: state sizes, and reference and search cost per known model and GPU count."""
+    from budcache_pipeline.cost import format_bytes
+
+    lines = []
+    for model in KNOWN_MODELS.values():
+        shape, reuse, linear = model.shape(), model.state("reuse"), model.state("linear")
+        inputs = known_inputs(model, calibration_prompts=calibration_prompts)
+        lines.append(
+            f"{model.name}: {shape.tokens} tokens (+{shape.text_tokens_stored} text stored), hidden {shape.hidden}, "
+            f"{shape.parameters / 1e9:.2f}B parameters; residual {format_bytes(reuse.residual_bytes)} per sample and "
+            f"context, {model.contexts} context(s); state per sample {format_bytes(reuse.state_bytes)} (reuse), "
+            f"{format_bytes(linear.state_bytes)} (linear); activations (estimate) "
+            f"{format_bytes(inputs.activation_bytes_per_sample)} per sample"
+        )
+        for k in gpus:
+            bound, p = plan(inputs, k)
+            lines.append(
+                f"  {k} GPU(s): reference {p.reference_gpu_minutes:.1f} GPU-min, {p.reference_wall_minutes:.2f} min wall, "
+                f"{format_bytes(p.reference_peak_bytes_per_gpu)}/GPU; search {p.search_gpu_minutes:.1f} GPU-min, "
+                f"{p.search_wall_minutes:.2f} min wall, {format_bytes(p.search_peak_bytes_per_gpu)}/GPU "
+                f"(states {format_bytes(p.search_state_bytes_per_gpu)}); max_state_bytes {format_bytes(bound)}; "
+                f"one state of {-(-calibration_prompts // k)} rows {format_bytes(-(-calibration_prompts // k) * inputs.state_bytes_per_sample)}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(cost_table())
