@@ -53,6 +53,15 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from budcache_pipeline.bench_gpu import bench_gpu, format_bench_gpu
+
+    result = bench_gpu(args.project, args.env, reuse=args.reuse, images=args.images)
+    print(format_bench_gpu(result))
+    _write_json(result, args.json)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from budcache_pipeline.deploy import check_policy, run_pipeline
     from budcache_pipeline.models.spec import ModelSpec, load_adapter, read_model_block
@@ -165,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="what searched policies add on a cached step (reuse: the paper's plain reuse; default linear)",
     )
     quality.set_defaults(handler=_bench_quality)
+    gpu = benches.add_parser(
+        "gpu", help="per budget of a Kedro run: s/image, speedup, peak GPU memory, search GPU-minutes, held-out quality"
+    )
+    gpu.add_argument("--env", help="Kedro environment (conf/<env>); on a CPU only tiny_flux, tiny_wan, tiny_sd3 or the default")
+    gpu.add_argument("--project", default=".", help="the project folder (default: the current one)")
+    gpu.add_argument(
+        "--reuse", action="store_true", help="read the outputs of an earlier `kedro run --env ENV` instead of running it"
+    )
+    gpu.add_argument("--images", type=_positive_int, default=2, help="held-out images timed per method (default 2)")
+    gpu.add_argument("--json", help="also write the result as JSON here")
+    gpu.set_defaults(handler=_bench_gpu)
 
     generate = commands.add_parser("generate", help="a PNG grid of one prompt over several seeds, optionally under a policy")
     generate.add_argument("--prompt", required=True, help='e.g. "a handwritten seven" for the embedded default model')
