@@ -82,12 +82,15 @@ def _settings(params: dict[str, Any], budget: int, pairs: int) -> dict[str, Any]
 
 def _objective_options(params: dict[str, Any], forecast: str) -> dict[str, Any]:
     """`MaskObjective`'s bounds: what a search may keep in memory, which never changes its result."""
-    return {
+    options = {
         "max_cached_states": int(params["max_cached_states"]),
         "forecast": forecast,
         "max_state_bytes": parse_bytes(params.get("max_state_bytes")),
         "max_host_state_bytes": parse_bytes(params.get("max_host_state_bytes")) or 0,
     }
+    if params.get("max_rows_per_forward") is not None:
+        options["max_rows_per_forward"] = int(params["max_rows_per_forward"])
+    return options
 
 
 def _engine_options(settings: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
