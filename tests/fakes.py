@@ -41,7 +41,7 @@ def uncached_finals(adapter, prompts, seeds, size: Size, steps: int) -> tuple:
 
 def flux_rollout_set(prompts, seeds, steps: int, size: int):
     """A RolloutSet of uncached tiny-FLUX rollouts (conditioning, noise, schedule, finals)."""
-    from budcache_pipeline.caching.baselines import RolloutSet
+    from budcache_pipeline.evaluation import RolloutSet
     from budcache_pipeline.models.adapter import BoundDenoiser
     from tests.conftest import tiny_flux_pipeline
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budcache_pipeline.caching.baselines import CacheMethod, RolloutSet
+from budcache_pipeline.caching.baselines import CacheMethod
 from budcache_pipeline.evaluation import (
     COLUMNS,
     EvalMethod,
     QualityMetrics,
+    RolloutSet,
     best_per_budget,
     evaluate_methods,
     finite_or_none,

@@ -258,17 +258,16 @@ def bench_quality(
     """
     import pathlib
 
-    from budcache_pipeline.caching.baselines import (
-        METHODS,
-        TEACACHE_PUBLISHED,
+    from budcache_pipeline.caching.baselines import METHODS, TEACACHE_PUBLISHED, BaselineError, CacheMethod
+    from budcache_pipeline.caching.budcache import transformer_blocks
+    from budcache_pipeline.evaluation import (
         BaselineCalibrator,
-        BaselineError,
-        CacheMethod,
+        EvalMethod,
+        QualityMetrics,
         RolloutSet,
+        evaluate_methods,
         teacache_mask,
     )
-    from budcache_pipeline.caching.budcache import transformer_blocks
-    from budcache_pipeline.evaluation import EvalMethod, QualityMetrics, evaluate_methods
     from budcache_pipeline.search import MaskObjective, align_schedule, compute_reference, search_policy
     from budcache_pipeline.search.objective import mask_key
 

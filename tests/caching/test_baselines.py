@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from budcache_pipeline.caching.baselines import (
-    BaselineCalibrator,
     BaselineError,
     CacheMethod,
-    ComputeCounter,
-    RolloutSet,
     mag_cache_min_steps,
     mag_cache_schedule,
-    run_method,
     taylorseer_compute_steps,
-    teacache_mask,
 )
 from budcache_pipeline.caching.teacache import (
     FLUX_TEACACHE_COEFFICIENTS,
@@ -27,6 +22,7 @@ from budcache_pipeline.caching.teacache import (
     fit_teacache_coefficients,
     trace_stack_changes,
 )
+from budcache_pipeline.evaluation import BaselineCalibrator, ComputeCounter, RolloutSet, run_method, teacache_mask
 from budcache_pipeline.sampling import rollout
 from tests.fakes import flux_rollout_set
 

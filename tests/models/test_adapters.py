@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from budcache_pipeline import CachePolicy, disable_budcache, enable_budcache
-from budcache_pipeline.caching.baselines import ComputeCounter
+from budcache_pipeline.evaluation import ComputeCounter
 from budcache_pipeline.models.adapter import ADAPTERS, ModelSpecError, adapter_class
 from budcache_pipeline.models.spec import ModelSpec, load_adapter
 from budcache_pipeline.policy import model_fingerprint
@@ -161,7 +161,8 @@ def test_a_saved_tiny_pipeline_loads_from_its_folder_with_the_same_fingerprint(t
 
 
 def test_evaluation_counts_steps_and_transformer_calls_apart(adapter, reference):
-    from budcache_pipeline.caching.baselines import CacheMethod, RolloutSet, run_method
+    from budcache_pipeline.caching.baselines import CacheMethod
+    from budcache_pipeline.evaluation import RolloutSet, run_method
 
     data = RolloutSet.from_reference(adapter, reference)
     run = run_method(CacheMethod.fixed(MASKS[0]), data)

@@ -7,9 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from budcache_pipeline.caching.baselines import CacheMethod, RolloutSet
-from budcache_pipeline.evaluation_shards import method_to_json, run_methods_batches, saved_method_run
-from budcache_pipeline.evaluation_worker import MODULE as EVALUATION_WORKER
+from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.evaluation import RolloutSet
+from budcache_pipeline.evaluation.shards import method_to_json, run_methods_batches, saved_method_run
+from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
 from budcache_pipeline.pipelines.common import load_model, model_size
 from budcache_pipeline.pipelines.evaluate.nodes import evaluate_ladder
 from budcache_pipeline.policy import CachePolicy, model_fingerprint

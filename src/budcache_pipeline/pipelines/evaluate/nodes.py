@@ -1,4 +1,4 @@
-"""Evaluate nodes: Kedro wrappers over `evaluation`, `caching.baselines` and `reporting`."""
+"""Evaluate nodes: Kedro wrappers over `evaluation` and `reporting`."""
 
 from __future__ import annotations
 
@@ -14,17 +14,19 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from budcache_pipeline.caching.baselines import (
+from budcache_pipeline.caching.baselines import BaselineError, CacheMethod
+from budcache_pipeline.evaluation import (
     BaselineCalibrator,
-    BaselineError,
-    CacheMethod,
+    EvalMethod,
     MethodRun,
+    QualityMetrics,
     RolloutSet,
+    evaluate_methods,
+    finite_or_none,
     run_method,
 )
-from budcache_pipeline.evaluation import EvalMethod, QualityMetrics, evaluate_methods, finite_or_none
-from budcache_pipeline.evaluation_shards import batch_slices, method_to_json, saved_method_run
-from budcache_pipeline.evaluation_worker import MODULE as EVALUATION_WORKER
+from budcache_pipeline.evaluation.shards import batch_slices, method_to_json, saved_method_run
+from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
 from budcache_pipeline.pipelines.common import load_model, resume_dir
 from budcache_pipeline.pipelines.search.nodes import calibration_subset
 from budcache_pipeline.policy import CachePolicy

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from budcache_pipeline.caching.baselines import CacheMethod, MethodRun, RolloutSet, run_method
+from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.evaluation.rollouts import MethodRun, RolloutSet, run_method
 
 UNCACHED = "uncached"
 COLUMNS = (
@@ -163,7 +164,7 @@ def evaluate_methods(
     Wall time is per image at batch 1 for every method, so speedups compare like with
     like; threshold caches that share decisions across a batch run per image anyway.
     `collect`, when given, receives each row's final latents keyed by (method, budget).
-    `run` runs one method over `data` (e.g. `evaluation_shards.saved_method_run`, batch by batch).
+    `run` runs one method over `data` (e.g. `evaluation.shards.saved_method_run`, batch by batch).
     """
     if data.reference is None:
         raise ValueError("the held-out set has no uncached finals: build it with RolloutSet.from_reference")

@@ -1,8 +1,8 @@
-"""Held-out runs as a torchrun entry point: `torchrun --nproc-per-node K -m budcache_pipeline.evaluation_worker JOB.json`.
+"""Held-out runs as a torchrun entry point: `torchrun --nproc-per-node K -m budcache_pipeline.evaluation.worker JOB.json`.
 
 The job file names the model block, a saved held-out reference, the methods (kind and
 parameters), the batch size and the folder the batches go to. Each rank runs its block of
-every method's batches into that folder (`evaluation_shards`), so a killed rank's batches
+every method's batches into that folder (`evaluation.shards`), so a killed rank's batches
 are the only ones a rerun computes, and the evaluate node reads the folder back.
 """
 
@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from budcache_pipeline.caching.baselines import RolloutSet
-from budcache_pipeline.evaluation_shards import method_from_json, run_methods_batches
+from budcache_pipeline.evaluation.rollouts import RolloutSet
+from budcache_pipeline.evaluation.shards import method_from_json, run_methods_batches
 from budcache_pipeline.models.spec import load_adapter
 from budcache_pipeline.search.distributed import Shard, run_worker
 from budcache_pipeline.search.reference import load_reference
 
-MODULE = "budcache_pipeline.evaluation_worker"
+MODULE = "budcache_pipeline.evaluation.worker"
 
 
 def run_evaluation_job(job: dict[str, Any], shard: Shard) -> None:

@@ -3,7 +3,7 @@
 A method's run over a held-out set is cut into batches of `batch_size` rows; each
 batch's finals and per-image costs go to one file named by the method's digest and the
 batch index, written atomically. A rerun skips the files already there, so a killed
-process loses only the batch it was in, and K torchrun ranks (`evaluation_worker`) can
+process loses only the batch it was in, and K torchrun ranks (`evaluation.worker`) can
 each fill their block of batches. Loading the folder afterwards gives the run one
 process makes with the same batches, bit for bit.
 """
@@ -23,7 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from budcache_pipeline.atomic import write_bytes_atomic
-from budcache_pipeline.caching.baselines import CacheMethod, MethodRun, RolloutSet, run_method
+from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.evaluation.rollouts import MethodRun, RolloutSet, run_method
 from budcache_pipeline.search.distributed import Shard
 
 _BATCH_FILE = "{method}-batch_{index:05d}.safetensors"
