@@ -91,6 +91,15 @@ def test_full_run_writes_a_scored_ladder_tables_metrics_and_plots(reduced_run):
     for budget in BUDGETS:
         assert metrics[f"budget_{budget}"]["budcache"]["latent_mse"] is not None
         assert "gain_over_best_baseline" in metrics[f"budget_{budget}"]["policy"]
+    headline = {f.stem: json.loads(f.read_text()) for f in (data / "08_reporting" / "headline").glob("*.json")}
+    assert len(headline) == len(table)  # one file, so one `dvc metrics show` row, per (budget, method)
+    for row in table.itertuples():
+        entry = headline[f"budget_{row.budget:02d}-{row.method}"]
+        assert entry["latent_mse_x1e6"] == pytest.approx(row.latent_mse * 1e6)
+        assert entry["compute_steps"] == pytest.approx(row.compute_steps_mean)
+    for budget in BUDGETS:
+        policy = "budcache_aligned" if f"budget_{budget:02d}-budcache_aligned" in headline else "budcache"
+        assert 0 < headline[f"budget_{budget:02d}-{policy}"]["mse_vs_best_baseline"]
     for plot in ("pareto.png", "mask_map.png"):
         assert (data / "08_reporting" / "plots" / plot).stat().st_size > 1000
 
@@ -185,6 +194,12 @@ def test_dvc_repro_runs_one_stage_per_budget_then_nothing_and_a_new_budget_runs_
     assert registration["data_source"] == "dvc.lock"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(stages)
+    shown = run(project, dvc, "metrics", "show", env=env).stdout.strip().splitlines()
+    print("\n".join(shown))
+    assert set(shown[0].split()) == {"Path", "compute_steps", "fid", "latent_mse_x1e6", "mse_vs_best_baseline", "speedup"}
+    rows = {line.split()[0]: line.split()[1:] for line in shown[1:]}
+    assert "data/08_reporting/headline/budget_10-uncached.json" in rows
+    assert {f"data/08_reporting/headline/budget_0{b}-uniform.json" for b in BUDGETS} <= rows.keys()
 
     second, no_op_seconds = _timed(project, dvc, "repro", env=env)
     assert "Running stage" not in second
