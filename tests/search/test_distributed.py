@@ -104,7 +104,9 @@ def test_a_killed_rank_ends_the_run_with_a_clear_message_and_a_rerun_resumes_to_
     os.kill(victim, signal.SIGKILL)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode != 0
-    assert "rank 0 of 2 stopped by torchrun because another rank failed" in stderr
+    # Rank 0 learns of the loss from torchrun's SIGTERM, or first from its collective failing: either says so.
+    said = ("rank 0 of 2 stopped by torchrun because another rank failed", "rank 0 of 2 lost its peers")
+    assert any(reason in stderr for reason in said), stderr[-3000:]
     assert f"The search so far is in checkpoint {checkpoint}; rerun the same command to resume" in stderr
     assert not result.exists() and checkpoint.exists()
     saved = json.loads(checkpoint.read_text())

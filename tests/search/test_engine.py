@@ -17,7 +17,7 @@ from budcache_pipeline.search import (
     result_to_policy,
     search_policy,
 )
-from budcache_pipeline.search.engine import RACE_FROM, SA_CHUNK
+from budcache_pipeline.search.phases import RACE_FROM, SA_CHUNK
 from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 from tests.search.conftest import STEPS, assert_same_up_to_loss_tolerance, close
 

@@ -25,7 +25,6 @@ alone writes the checkpoint while the others wait.
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,20 +38,17 @@ from tqdm.auto import tqdm
 from budcache_pipeline.atomic import write_text_atomic
 from budcache_pipeline.policy import CachePolicy, provenance_now
 from budcache_pipeline.search.distributed import Shard
-from budcache_pipeline.search.annealing import AnnealState, anneal_many, evaluate_many
-from budcache_pipeline.search.hill_climbing import CONFIRM, FAR_JUMPS, ClimbState, climb_round
-from budcache_pipeline.search.objective import MaskObjective, key_mask, mask_key
+from budcache_pipeline.search.hill_climbing import CONFIRM, FAR_JUMPS
+from budcache_pipeline.search.objective import MaskObjective, mask_key
+from budcache_pipeline.search.phases import PhaseSettings, SearchRun
 from budcache_pipeline.search.starts import (
     BUILTIN_STARTS,
     SearchSetupError,
     check_mask,
     normalise_forced,
-    start_mask,
 )
 
 DEFAULT_STARTS = ("dp", "uniform", "front_loaded", "random")
-SA_CHUNK = 10
-RACE_FROM = 0.1
 DEFAULT_SCREEN_SAMPLES = 4
 DEFAULT_RACE_MARGIN = 0.25
 CHECKPOINT_VERSION = 1
@@ -217,6 +213,36 @@ def _starts(
     return names
 
 
+def _signature(
+    objective: MaskObjective,
+    settings: PhaseSettings,
+    names: dict[str, list[bool] | None],
+    screen: MaskObjective | None,
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: every setting, the starts, the reference and the model."""
+    return {
+        "budget": settings.budget,
+        "steps": objective.steps,
+        "forced": list(settings.forced),
+        "starts": {name: mask_key(mask) if mask is not None else None for name, mask in names.items()},
+        "seed": settings.seed,
+        "sa_iterations": settings.sa_iterations,
+        "t_start": settings.t_start,
+        "t_end": settings.t_end,
+        "hc_rounds": settings.hc_rounds,
+        "screen_pairs": len(screen) if screen is not None else 0,
+        "race_margin": settings.race_margin,
+        "dp_samples": settings.dp_samples,
+        "hc_confirm": settings.hc_confirm,
+        "hc_far_jumps": settings.hc_far_jumps,
+        "reference": objective.manifest.get("prompts_seeds_sha256"),
+        "model_fingerprint": objective.manifest.get("model_fingerprint"),
+        "sigmas": objective.schedule,
+        "forecast": objective.forecast,
+        "loss": getattr(objective.loss, "__qualname__", repr(objective.loss)),
+    }
+
+
 def search_policy(
     objective: MaskObjective,
     budget: int,
@@ -254,10 +280,11 @@ def search_policy(
     if budget > steps:
         raise SearchSetupError(f"budget {budget} exceeds the {steps} steps of the reference")
     forced_positions = normalise_forced(forced, steps, budget)
-    if sa_iterations < 0 or hc_rounds < 0:
-        raise SearchSetupError("sa_iterations and hc_rounds must be >= 0")
-    if race_margin is not None and race_margin < 0:
-        raise SearchSetupError(f"race_margin must be >= 0 or None, got {race_margin}")
+    if sa_iterations < 0 or hc_rounds < 0 or (race_margin is not None and race_margin < 0):
+        raise SearchSetupError(
+            f"sa_iterations and hc_rounds must be >= 0 and race_margin >= 0 or None, got {sa_iterations}, "
+            f"{hc_rounds} and {race_margin}"
+        )
     names = _starts(objective, budget, forced_positions, starts, extra_starts)
     only = None
     if budget == len(forced_positions) or budget == steps:
@@ -266,28 +293,9 @@ def search_policy(
         sa_iterations = hc_rounds = 0
     screen = objective.subset(screen_samples) if screen_samples else None
     screen = screen if screen is not objective else None
-    sa_objective = screen or objective
-    signature = {
-        "budget": budget,
-        "steps": steps,
-        "forced": list(forced_positions),
-        "starts": {name: mask_key(mask) if mask is not None else None for name, mask in names.items()},
-        "seed": seed,
-        "sa_iterations": sa_iterations,
-        "t_start": t_start,
-        "t_end": t_end,
-        "hc_rounds": hc_rounds,
-        "screen_pairs": len(screen) if screen is not None else 0,
-        "race_margin": race_margin,
-        "dp_samples": dp_samples,
-        "hc_confirm": hc_confirm,
-        "hc_far_jumps": hc_far_jumps,
-        "reference": objective.manifest.get("prompts_seeds_sha256"),
-        "model_fingerprint": objective.manifest.get("model_fingerprint"),
-        "sigmas": objective.schedule,
-        "forecast": objective.forecast,
-        "loss": getattr(objective.loss, "__qualname__", repr(objective.loss)),
-    }
+    settings = PhaseSettings(budget, forced_positions, seed, sa_iterations, t_start, t_end, hc_rounds,
+                             race_margin, dp_samples, hc_confirm, hc_far_jumps)
+    signature = _signature(objective, settings, names, screen)
     state = _Checkpoint(checkpoint, signature, objective.shard)
     if state.data.get("result") is not None:
         return SearchResult.from_dict(state.data["result"])
@@ -295,134 +303,34 @@ def search_policy(
     if screen is not None:
         screen.load_memo(state.data.get("memo", {}).get("screen", {}))
     meter = _CostMeter(objective, screen, state.data.get("cost"))
-    source = "screen" if screen is not None else "full"
     total = len(names) * (sa_iterations + hc_rounds)
     bar = tqdm(total=total, desc=f"search B={budget}", unit="it", disable=not progress or not objective.shard.is_main)
-
-    def save(where: dict[str, Any]) -> None:
-        state.data["memo"] = {
-            "full": {k: v for k, v in objective.memo().items() if k.count("1") == budget},
-            "screen": {k: v for k, v in screen.memo().items() if k.count("1") == budget} if screen else {},
-        }
-        state.data["cost"] = meter.now()
-        state.save()
-        if callback is not None:
-            callback(where)
-
-    chains: list[dict[str, Any]] = state.data.setdefault("chains", [])
-    if not chains:
-        initial = {
-            name: given if given is not None else only if only is not None
-            else start_mask(name, objective, budget, forced_positions, seed, dp_samples)
-            for name, given in names.items()
-        }
-        full_losses = objective.evaluate_many(list(initial.values()))
-        sa_losses = evaluate_many(sa_objective, list(initial.values()))
-        for (name, mask), full_loss, sa_loss in zip(initial.items(), full_losses, sa_losses):
-            chains.append({
-                "start": name,
-                "initial": mask_key(mask),
-                "initial_loss": full_loss,
-                "status": "sa",
-                "retired_at": None,
-                "sa": AnnealState.begin(mask, sa_loss, random.Random(f"{seed}:{name}:sa")).to_dict(),
-                "history": [],
-            })
-        save({"phase": "start", "iteration": 0})
-    bar.update(sum(
-        sa_iterations + hc_rounds if c["status"] in ("retired", "done")
-        else c["sa"]["iteration"] + (c.get("hc") or {}).get("round", 0)
-        for c in chains
-    ))
-
-    def record(index: int, row: dict[str, Any], running: list[dict[str, Any]]) -> None:
-        chain = running[index]
-        chain["history"].append({"iteration": row["iteration"], "phase": "sa", "start": chain["start"],
-                                 "objective": source, "temperature": row["temperature"],
-                                 "current_loss": row["current_loss"], "best_loss": row["best_loss"]})
-        bar.update(1)
-
-    while True:
-        running = [c for c in chains if c["status"] == "sa" and c["sa"]["iteration"] < sa_iterations]
-        if not running:
-            break
-        stop = min(running[0]["sa"]["iteration"] + SA_CHUNK, sa_iterations)
-        states = anneal_many(
-            sa_objective, [AnnealState.from_dict(c["sa"]) for c in running], forced_positions, sa_iterations,
-            t_start, t_end, stop, lambda index, row: record(index, row, running),
-        )
-        for chain, new in zip(running, states):
-            chain["sa"] = new.to_dict()
-        if race_margin is not None and stop >= sa_iterations * RACE_FROM and stop < sa_iterations:
-            leader = min(c["sa"]["best_loss"] for c in running)
-            for chain in running:
-                if chain["sa"]["best_loss"] > leader * (1 + race_margin):
-                    chain["status"], chain["retired_at"] = "retired", stop
-                    bar.update(sa_iterations - stop + hc_rounds)
-        bar.set_postfix(best=f"{min(c['sa']['best_loss'] for c in running):.4g}")
-        save({"phase": "sa", "iteration": stop})
-
-    pending = [c for c in chains if "sa_loss" not in c]
-    if pending:
-        bests = [key_mask(c["sa"]["best"]) for c in pending]
-        for chain, loss in zip(pending, objective.evaluate_many(bests)):
-            chain["sa_loss"] = loss
-            if chain["status"] == "sa":
-                begin, begin_loss = (chain["sa"]["best"], loss) if loss <= chain["initial_loss"] else (
-                    chain["initial"], chain["initial_loss"])
-                chain["status"] = "hc"
-                rng = random.Random(f"{seed}:{chain['start']}:hc")
-                chain["hc"] = ClimbState.begin(key_mask(begin), begin_loss, rng).to_dict()
-        save({"phase": "hc", "iteration": 0})
-
-    for chain in chains:
-        if chain["status"] != "hc":
-            continue
-        hc_state = ClimbState.from_dict(chain["hc"])
-        while not hc_state.done and hc_state.round < hc_rounds:
-            hc_state = climb_round(objective, hc_state, forced_positions, screen, hc_confirm, far_jumps=hc_far_jumps)
-            chain["history"].append({"iteration": sa_iterations + hc_state.round - 1, "phase": "hc",
-                                     "start": chain["start"], "objective": "full", "temperature": None,
-                                     "current_loss": hc_state.current_loss, "best_loss": hc_state.current_loss})
-            chain["hc"] = hc_state.to_dict()
-            bar.update(1)
-            bar.set_postfix(start=chain["start"], best=f"{hc_state.current_loss:.4g}")
-            save({"start": chain["start"], "phase": "hc", "iteration": hc_state.round})
-        bar.update(hc_rounds - hc_state.round)
-        chain["status"] = "done"
+    run = SearchRun(objective, screen, state, meter, settings, bar, callback)
+    run.start(names, only)
+    run.anneal()
+    run.confirm()
+    run.climb()
     bar.close()
-
-    outcomes = []
-    for chain in chains:
-        finished = chain.get("hc")
-        if finished:
-            mask, loss = finished["current"], finished["current_loss"]
-        else:
-            mask, loss = chain["sa"]["best"], chain["sa_loss"]
-        outcomes.append({
-            "start": chain["start"],
-            "initial_loss": chain["initial_loss"],
-            "sa_loss": chain["sa_loss"],
-            "final_loss": loss,
-            "mask": key_mask(mask),
-            "initial_mask": key_mask(chain["initial"]),
-            "retired_at": chain["retired_at"],
-            "hc_rounds": finished["round"] if finished else 0,
-        })
-    best = min(range(len(outcomes)), key=lambda k: outcomes[k]["final_loss"])
-    result = SearchResult(
-        mask=list(outcomes[best]["mask"]),
-        loss=outcomes[best]["final_loss"],
-        budget=budget,
-        steps=steps,
-        starts=outcomes,
-        history=_history_frame([row for chain in chains for row in chain["history"]]),
-        cost=meter.now(),
-        forecast=objective.forecast,
-    )
+    result = _best_of(run, meter, objective, budget)
     state.data["result"] = result.to_dict()
     state.save()
     return result
+
+
+def _best_of(run: SearchRun, meter: _CostMeter, objective: MaskObjective, budget: int) -> SearchResult:
+    """The lowest final loss over the starts, with every start's outcome, the history and the cost."""
+    outcomes = run.outcomes()
+    best = min(range(len(outcomes)), key=lambda k: outcomes[k]["final_loss"])
+    return SearchResult(
+        mask=list(outcomes[best]["mask"]),
+        loss=outcomes[best]["final_loss"],
+        budget=budget,
+        steps=objective.steps,
+        starts=outcomes,
+        history=_history_frame(run.history()),
+        cost=meter.now(),
+        forecast=objective.forecast,
+    )
 
 
 def result_to_policy(

@@ -17,7 +17,7 @@ from typing import Any
 
 from budcache_pipeline.models.spec import load_adapter
 from budcache_pipeline.policy import model_fingerprint, weights_digest
-from budcache_pipeline.search.distributed import Shard, run_worker
+from budcache_pipeline.search.distributed import Shard, ShardLostError, run_worker
 from budcache_pipeline.search.engine import SearchResult, search_policy
 from budcache_pipeline.search.objective import MaskObjective
 from budcache_pipeline.search.prefix_store import PREFIX_STATE_STATS
@@ -58,26 +58,41 @@ def run_search_job(job: dict[str, Any], shard: Shard) -> SearchResult:
     return result
 
 
+def _say_stopped(job: dict[str, Any], shard: Shard, why: str) -> None:
+    """Tell the user why this rank stops, where the search so far is, and how to resume."""
+    where = f"checkpoint {job['checkpoint']}" if job.get("checkpoint") else "no checkpoint (none was configured)"
+    print(
+        f"budcache search: rank {shard.rank} of {shard.world_size} {why}. The search so far is in {where}; "
+        "rerun the same command to resume.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _stop_on_sigterm(job: dict[str, Any], shard: Shard) -> None:
     """Say why a rank stops when torchrun's agent ends the group (a peer died) and how to resume."""
 
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        where = f"checkpoint {job['checkpoint']}" if job.get("checkpoint") else "no checkpoint (none was configured)"
-        print(
-            f"budcache search: rank {shard.rank} of {shard.world_size} stopped by torchrun because another rank "
-            f"failed (its error is torchrun's 'Root Cause' below). The search so far is in {where}; "
-            "rerun the same command to resume.",
-            file=sys.stderr,
-            flush=True,
-        )
+        _say_stopped(job, shard, "stopped by torchrun because another rank failed (its error is torchrun's "
+                                 "'Root Cause' below)")
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
 
 
+def _run_or_say_why(job: dict[str, Any], shard: Shard) -> SearchResult:
+    """The job; a rank whose peer died mid-sum says so with the checkpoint before it exits."""
+    try:
+        return run_search_job(job, shard)
+    except ShardLostError:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _say_stopped(job, shard, "lost its peers: another rank died or was killed")
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_worker(MODULE, argv, run_search_job, on_start=_stop_on_sigterm)
+    return run_worker(MODULE, argv, _run_or_say_why, on_start=_stop_on_sigterm)
 
 
 if __name__ == "__main__":
