@@ -11,7 +11,7 @@ AIRFLOW_VENV := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed-stamp
 AIRFLOW_VERSION := 3.3.2
 
-.PHONY: run test test-threads test-shuffled test-kernels bench repro venv airflow airflow-venv
+.PHONY: run test test-fast test-threads test-shuffled test-kernels bench repro venv airflow airflow-venv
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ run: $(STAMP)
 
 test: $(STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/python -m pytest -q
+
+# Everything but the end-to-end tests (marked slow): the edit-and-check loop, under 2 minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The determinism promise (README, "Determinism"): the suite at 1 and 2 torch threads, in a
 # shuffled order (SHUFFLE_SEED=... for another one), and the search tests on MKL kernels

@@ -39,6 +39,15 @@ def pytest_report_header(config):
     return f"budcache: {THREADS} torch thread(s), tests in {order}"
 
 
+END_TO_END_FIXTURES = frozenset({"reduced_run", "tiny_runs"})
+
+
+def pytest_itemcollected(item):
+    """A test on a whole Kedro run of a project copy is end to end: marked slow, so `make test-fast` leaves it out."""
+    if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     if SHUFFLE_SEED is None:

@@ -37,6 +37,7 @@ def benched(tmp_path_factory):
     return project, fresh, reused
 
 
+@pytest.mark.slow
 def test_the_table_says_it_ran_on_cpu_and_has_every_column(benched):
     _, (stdout, result), _ = benched
     assert f"NOTE: {CPU_NOTE}." in stdout
@@ -52,6 +53,7 @@ def test_the_table_says_it_ran_on_cpu_and_has_every_column(benched):
     assert result["cuda"] is False and result["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_figures_come_from_the_run_and_the_hooks(benched):
     project, (_, result), _ = benched
     data = project / "data" / "tiny_flux"
@@ -78,6 +80,7 @@ def test_figures_come_from_the_run_and_the_hooks(benched):
     assert eight["search_wall_minutes"] == pytest.approx(one["search_wall_minutes"] / 8)
 
 
+@pytest.mark.slow
 def test_reuse_reads_the_same_outputs_without_running(benched):
     _, (_, fresh), (stdout, reused) = benched
     assert reused["reused"] is True and reused["run_seconds"] is None and fresh["run_seconds"] > 0

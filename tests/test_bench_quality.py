@@ -50,6 +50,7 @@ def result(figures) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_reduced_bench_reports_every_figure(result, figures):
     assert set(result["budgets"]) == {"4", "2"}
     for budget in ("4", "2"):
@@ -76,6 +77,7 @@ def test_reduced_bench_reports_every_figure(result, figures):
     assert "budcache" in text and "multi/single" in text
 
 
+@pytest.mark.slow
 def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
     asked = []
     monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
@@ -87,6 +89,7 @@ def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
     assert "ratio" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_passes_the_forecast_and_refuses_unknown_ones(result, monkeypatch, capsys):
     asked = []
     monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)

@@ -16,6 +16,7 @@ def result() -> dict:
     return bench_runtime(budgets=(8, 2), steps=8, repeats=3, size=64, progress=lambda _: None, overhead_repeats=2)
 
 
+@pytest.mark.slow
 def test_rows_hold_the_issue_fields_and_agree_with_the_baseline(result: dict) -> None:
     assert [row["budget"] for row in result["rows"]] == [8, 2]
     for row in result["rows"]:
@@ -36,6 +37,7 @@ def test_without_the_full_budget_there_is_no_overhead_figure() -> None:
     assert "overhead" not in format_runtime_table(result)
 
 
+@pytest.mark.slow
 def test_table_lists_every_budget(result: dict) -> None:
     table = format_runtime_table(result)
     assert "8/8" in table and "2/8" in table and "overhead at full budget" in table
@@ -47,6 +49,7 @@ def test_cli_rejects_nonpositive_repeats(capsys: pytest.CaptureFixture[str]) -> 
     assert "repeats" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_json_is_written_where_asked(tmp_path, monkeypatch: pytest.MonkeyPatch, result: dict) -> None:
     import budcache_pipeline.benchmarks as benchmarks
 

@@ -9,6 +9,8 @@ from nbclient import NotebookClient
 
 from tests.reduced_project import PROJECT, environment
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 NOTEBOOKS = PROJECT / "notebooks"
 
 

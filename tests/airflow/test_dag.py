@@ -18,6 +18,8 @@ import pytest
 from tests.reduced_project import TINY_BUDGETS, environment, tiny_project
 from tests.run_records import ladder_files, run_record
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 ROOT = Path(__file__).parents[2]
 AIRFLOW_PYTHON = ROOT / ".venv-airflow" / "bin" / "python"
 INSPECT = Path(__file__).with_name("inspect_dag.py")

@@ -37,6 +37,7 @@ def _latents(pipe: DigitsFluxPipeline, prompt: str = "a handwritten seven", step
     return pipe(prompt=prompt, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs).images
 
 
+@pytest.mark.slow
 def test_shipped_model_loads_offline_in_a_fresh_process() -> None:
     code = (
         "from budcache_pipeline.models import load_default_pipeline\n"
@@ -215,12 +216,14 @@ def test_captions_are_varied_deterministic_and_name_the_digit() -> None:
     assert all(word in build_vocab() for word in NUMBER_WORDS)
 
 
+@pytest.mark.slow
 def test_prompts_are_drawn_as_the_named_digit(pipe: DigitsFluxPipeline) -> None:
     prompts, digits, seeds = zip(*agreement_pairs(100))
     images = generate_images(pipe, list(prompts), list(seeds), num_inference_steps=28)
     assert judge_agreement(images, list(digits), load_default_judge()) >= 0.9
 
 
+@pytest.mark.slow
 def test_few_step_sampling_has_worse_fid_than_28_steps(pipe: DigitsFluxPipeline) -> None:
     reference, _, other_labels = fid_reference_halves()
     prompts = [f"the digit {int(d)}" for d in other_labels]

@@ -18,6 +18,8 @@ from budcache_pipeline.search import compute_reference
 from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.reference import save_reference
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 MODEL = {"adapter": "flux", "weights": "tiny", "height": 16, "width": 16, "steps": 6, "torch_threads": 1}
 CLOCK = ["seconds_per_image", "speedup", "cpu_seconds_per_image", "cpu_speedup"]
 

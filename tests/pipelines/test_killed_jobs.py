@@ -27,6 +27,8 @@ from budcache_pipeline.registry import CANDIDATE_ALIAS, pull, verify
 from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 from tests.reduced_project import copy_project, environment, kedro, reduce_configuration
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 BUDGETS = (5, 3)
 KEDRO = str(Path(sys.executable).parent / "kedro")
 

@@ -150,6 +150,7 @@ def fresh_project(tmp_path_factory):
     return project
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Option '--pipeline' is deprecated")
 @pytest.mark.parametrize("flag", ["--pipelines", "--pipeline"])
 def test_search_before_reference_says_what_to_run_first(fresh_project, flag, monkeypatch):
@@ -177,6 +178,7 @@ def _timed(project: Path, *command: str, env: dict[str, str]) -> tuple[str, floa
     return out, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_dvc_repro_runs_one_stage_per_budget_then_nothing_and_a_new_budget_runs_alone(tmp_path):
     project = copy_project(tmp_path / "project")
     reduce_configuration(project)

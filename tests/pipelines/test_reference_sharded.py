@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from budcache_pipeline.pipelines.common import load_model, model_size
@@ -12,6 +13,8 @@ from budcache_pipeline.pipelines.reference.nodes import compute_reference_set
 from budcache_pipeline.search import compute_reference
 from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.reference_worker import MODULE as REFERENCE_WORKER
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 MODEL = {"adapter": "flux", "weights": "tiny", "height": 16, "width": 16, "steps": 6, "torch_threads": 1}
 PROMPTS = pd.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "seed": list(range(6))})

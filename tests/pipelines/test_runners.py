@@ -9,8 +9,12 @@ leaving out only what measures time.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.reduced_project import TINY_BUDGETS, environment, kedro, tiny_project
 from tests.run_records import ladder_files, run_record
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 
 def test_the_thread_runner_registers_the_sequential_ladder_and_run(tiny_runs, tmp_path):

@@ -47,6 +47,7 @@ SEARCH = {"calibration_size": None, "starts": ["dp", "uniform"], "forced": [0], 
           "hc_rounds": 2, "screen_samples": 4, "dp_samples": 4, "forecast": "reuse", "max_cached_states": 64}
 
 
+@pytest.mark.slow
 def test_the_node_on_two_torchrun_processes_finds_the_one_process_policy(tmp_path):
     adapter = load_model(MODEL)
     prompts = pd.DataFrame({"prompt": [f"prompt {i}" for i in range(8)], "seed": list(range(8))})

@@ -18,6 +18,8 @@ from budcache_pipeline.policy import PolicyError, load_policy, model_fingerprint
 from budcache_pipeline.registry import promote
 from tests.reduced_project import TINY_BUDGETS
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 SIZES = {"flux": {"height": 16, "width": 16}, "wan": {"height": 32, "width": 32, "num_frames": 5},
          "sd3": {"height": 16, "width": 16}}
 

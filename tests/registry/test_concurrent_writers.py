@@ -21,6 +21,8 @@ from budcache_pipeline.console import main
 from budcache_pipeline.registry import store
 from tests.registry.writer import STEPS, ladder
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 WRITER = Path(__file__).with_name("writer.py")
 ROOT = Path(__file__).parents[2]
 

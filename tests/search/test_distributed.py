@@ -37,6 +37,7 @@ def _run(job: Path, processes: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_two_processes_find_the_one_process_mask_with_losses_within_rounding(tmp_path):
     adapter = load_adapter(MODEL)
     size = ModelSpec.from_params(MODEL).output_size(adapter)
@@ -76,6 +77,7 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_with_a_clear_message_and_a_rerun_resumes_to_the_same_mask(tmp_path):
     adapter = load_adapter(MODEL)
     size = ModelSpec.from_params(MODEL).output_size(adapter)
