@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from budcache_pipeline.atomic import atomic_path  # noqa: E402
+from budcache_pipeline.evaluation.table import IMAGE_QUALITY  # noqa: E402
 
 TABLE_COLUMNS = (
     "method",
@@ -29,10 +30,7 @@ TABLE_COLUMNS = (
     "compute_steps_std",
     "block_evaluations_mean",
     "latent_mse",
-    "psnr",
-    "ssim",
-    "fid",
-    "judge_agreement",
+    *IMAGE_QUALITY,
     "seconds_per_image",
     "speedup",
     "cpu_speedup",

@@ -9,6 +9,7 @@ from budcache_pipeline.evaluation.calibration import BaselineCalibrator, Calibra
 from budcache_pipeline.evaluation.rollouts import ComputeCounter, MethodRun, RolloutSet, probe_module, run_method
 from budcache_pipeline.evaluation.table import (
     COLUMNS,
+    IMAGE_QUALITY,
     UNCACHED,
     EvalMethod,
     QualityMetrics,
@@ -19,6 +20,7 @@ from budcache_pipeline.evaluation.table import (
 
 __all__ = [
     "COLUMNS",
+    "IMAGE_QUALITY",
     "UNCACHED",
     "BaselineCalibrator",
     "Calibration",

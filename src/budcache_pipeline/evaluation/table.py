@@ -21,6 +21,8 @@ from budcache_pipeline.caching.baselines import CacheMethod
 from budcache_pipeline.evaluation.rollouts import MethodRun, RolloutSet, run_method
 
 UNCACHED = "uncached"
+IMAGE_QUALITY = ("psnr", "ssim", "fid", "judge_agreement")
+"""What the model's quality plug-in and the decoded images add to the latent MSE, in every table."""
 COLUMNS = (
     "method",
     "budget",
@@ -34,10 +36,7 @@ COLUMNS = (
     "block_stack_runs_mean",
     "latent_mse",
     "latent_mse_std",
-    "psnr",
-    "ssim",
-    "fid",
-    "judge_agreement",
+    *IMAGE_QUALITY,
     "seconds_per_image",
     "speedup",
     "cpu_seconds_per_image",

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from budcache_pipeline.caching.baselines import BaselineError, CacheMethod
 from budcache_pipeline.evaluation import (
+    IMAGE_QUALITY,
     BaselineCalibrator,
     EvalMethod,
     MethodRun,
@@ -42,10 +43,7 @@ ALIGNED = "budcache_aligned"
 SUMMARY_METRICS = (
     "latent_mse",
     "latent_mse_std",
-    "psnr",
-    "ssim",
-    "fid",
-    "judge_agreement",
+    *IMAGE_QUALITY,
     "compute_steps_mean",
     "compute_steps_std",
     "speedup",
