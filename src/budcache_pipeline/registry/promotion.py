@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.policy_ladder_model import holdout_loss
+from budcache_pipeline.registry.lock import promotion_lock
 from budcache_pipeline.registry.store import (
     PRODUCTION_ALIAS,
     RegistryError,
@@ -32,7 +33,6 @@ from budcache_pipeline.registry.verification import download_ladder
 
 HISTORY_TAG_PREFIX = "production_history."
 """Registered-model tags, one per move of `production`: `production_history.<UTC time>.v<version>`."""
-_DECISION_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -103,25 +103,20 @@ def promote(
 
     Both ladders are verified as `pull` does; `allow_unverified` accepts versions registered
     without digests (logged). The comparison table is returned either way so the operator sees why.
+    Promotions of one model run one at a time (`registry.lock`), so each compares itself with
+    the production it replaces.
     """
     reason = reason.strip() if force and reason else None
     if force and not reason:
         raise RegistryError("a forced promotion needs a reason: pass --reason TEXT")
     client = open_client(tracking_uri)
     target = find_version(client, model_name, version=str(version))
-    for _ in range(_DECISION_ROUNDS):
+    with promotion_lock(client, model_name, holder=actor()):
         current = current_production(client, model_name)
         result = _decide(client, model_name, target, current, force, reason, allow_unverified)
-        if not result.promoted or result.previous_version == result.version:
-            return result
-        if _version_of(current_production(client, model_name)) != result.previous_version:
-            continue
-        _move_production(client, result)
-        return result
-    raise RegistryError(
-        f"production of '{model_name}' moved {_DECISION_ROUNDS} times while version {target.version} was being "
-        "compared with it: other promotions are running; try again when they finish"
-    )
+        if result.promoted and result.previous_version != result.version:
+            _move_production(client, result)
+    return result
 
 
 def _version_of(model_version: ModelVersion | None) -> str | None:
