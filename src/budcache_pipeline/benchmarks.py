@@ -344,7 +344,7 @@ def bench_quality(
             progress(
                 f"search ({label}) B={budget}: loss {result.loss:.4g} in {seconds:.1f} s, "
                 f"{result.cost['block_stack_calls']:.0f}/{result.cost['block_stack_calls_naive']:.0f} "
-                "block-stack calls, "
+                f"block-stack calls ({result.cost['calibration_rollouts']:.2f} calibration rollouts), "
                 f"mask {mask_key(result.mask)}"
             )
         multi = entry["multi"]["result"]
@@ -473,6 +473,7 @@ def _quality_summary(
             "search_calibration_loss": multi.loss,
             "start_spread": multi.spread,
             "reuse_over_naive": multi.cost["block_stack_calls"] / max(multi.cost["block_stack_calls_naive"], 1e-12),
+            "search_calibration_rollouts": multi.cost["calibration_rollouts"],
             "search_seconds": entry["multi"]["seconds"],
             "search_cpu_seconds": entry["multi"]["cpu_seconds"],
             "single_search_seconds": entry["single"]["seconds"],

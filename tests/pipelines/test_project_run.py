@@ -133,6 +133,7 @@ def test_register_logs_one_run_and_a_candidate_version_with_lineage_tags(reduced
     assert run.data.params["budgets"] == "5,3"
     assert "budget_3.budcache.latent_mse" in run.data.metrics
     assert "search.budget_5.evaluations" in run.data.metrics
+    assert run.data.metrics["search.budget_5.calibration_rollouts"] > 0
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "policies", "metrics.csv", "metrics.json"} <= logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "policies")} >= {

@@ -94,6 +94,7 @@ def test_search_keeps_the_budget_and_beats_every_start(objective):
     cost = result.cost
     assert 0 < cost["block_stack_calls"] < cost["block_stack_calls_naive"]
     assert cost["saved_fraction"] == pytest.approx(1 - cost["block_stack_calls"] / cost["block_stack_calls_naive"])
+    assert cost["calibration_rollouts"] == pytest.approx(cost["block_stack_calls"] / STEPS)
     assert cost["evaluations"] > 0 and cost["memo_hits"] > 0 and cost["wall_seconds"] > 0
     assert 0 < cost["start_block_stack_calls"] < cost["start_block_stack_calls_naive"] < cost["block_stack_calls_naive"]
 

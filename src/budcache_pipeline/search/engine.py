@@ -58,6 +58,7 @@ _DETERMINISTIC_COST_KEYS = (
     "memo_hits",
     "block_stack_calls",
     "block_stack_calls_naive",
+    "calibration_rollouts",
     "saved_fraction",
     "start_block_stack_calls",
     "start_block_stack_calls_naive",
@@ -152,7 +153,12 @@ class _Checkpoint:
 
 
 class _CostMeter:
-    """Block-stack work in full-batch forwards, summed over the objectives a search uses."""
+    """Block-stack work in full-batch forwards, summed over the objectives a search uses.
+
+    `calibration_rollouts` is that work over the number of steps: how many uncached rollouts
+    of the whole calibration set the search cost, the unit that carries across models
+    (times the reference's seconds gives its GPU time).
+    """
 
     def __init__(self, objective: MaskObjective, screen: MaskObjective | None, prior: dict[str, Any] | None) -> None:
         self.objective, self.screen = objective, screen
@@ -186,6 +192,7 @@ class _CostMeter:
             cost[key] = self.prior.get(key, 0.0) + total[key] + start
         naive = cost["block_stack_calls_naive"]
         cost["saved_fraction"] = 1.0 - cost["block_stack_calls"] / naive if naive else 0.0
+        cost["calibration_rollouts"] = cost["block_stack_calls"] / self.objective.steps
         return cost
 
 

@@ -136,6 +136,7 @@ def register_policies(
             "start_spread_max": s["start_spread"]["max"],
             "evaluations": s["cost"]["evaluations"],
             "block_stack_calls": s["cost"]["block_stack_calls"],
+            "calibration_rollouts": s["cost"]["calibration_rollouts"],
             "wall_seconds": s["cost"]["wall_seconds"],
         }
         for b, s in search_summaries.items()

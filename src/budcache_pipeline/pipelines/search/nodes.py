@@ -195,9 +195,10 @@ def search_budget(
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     logger.info(
-        "budget %d: calibration MSE %.4g (starts %.4g..%.4g), %d evaluations in %.1fs on %d process(es)",
+        "budget %d: calibration MSE %.4g (starts %.4g..%.4g), %d evaluations (%.2f calibration rollouts) in %.1fs "
+        "on %d process(es)",
         budget, result.loss, result.spread["min"], result.spread["max"],
-        result.cost["evaluations"], result.cost["wall_seconds"], processes,
+        result.cost["evaluations"], result.cost["calibration_rollouts"], result.cost["wall_seconds"], processes,
     )
     return policy, result.history, _summary(result, settings, found["prefix_states"], processes)
 
