@@ -23,6 +23,13 @@ def _write_json(data: dict, path: str | None) -> None:
         print(f"wrote {path}")
 
 
+def _budget_list(text: str) -> list[int]:
+    try:
+        return [_positive_int(part) for part in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from exc
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -50,6 +57,19 @@ def _bench_quality(args: argparse.Namespace) -> int:
         write_text_atomic(args.csv, pd.DataFrame(result["rows"]).to_csv(index=False))
         print(f"wrote {args.csv}")
     _write_json(result, args.json)
+    return 0
+
+
+def _bench_ablation(args: argparse.Namespace) -> int:
+    from budcache_pipeline.bench_ablation import bench_ablation, format_ablation, kedro_search_options
+    from budcache_pipeline.registry import find_project_root
+
+    options, forecast = kedro_search_options(find_project_root())
+    table = bench_ablation(args.budgets, calibration_size=args.calibration, kedro_options=options, forecast=forecast)
+    print(format_ablation(table))
+    if args.csv:
+        write_text_atomic(args.csv, table.to_csv(index=False))
+        print(f"wrote {args.csv}")
     return 0
 
 
@@ -174,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="what searched policies add on a cached step (reuse: the paper's plain reuse; default linear)",
     )
     quality.set_defaults(handler=_bench_quality)
+    ablation = benches.add_parser(
+        "ablation", help="held-out MSE and search cost per budget of DP alone, DP+HC, DP+SA+HC, uniform+SA+HC, the default"
+    )
+    ablation.add_argument("--budgets", type=_budget_list, default=[14, 10, 7, 5, 4, 3],
+                          help="comma-separated compute budgets of 28 steps (default 14,10,7,5,4,3)")
+    ablation.add_argument("--calibration", type=_positive_int, default=16,
+                          help="calibration pairs (default 16, the Kedro default)")
+    ablation.add_argument("--csv", help="also write the table as CSV here")
+    ablation.set_defaults(handler=_bench_ablation)
     gpu = benches.add_parser(
         "gpu", help="per budget of a Kedro run: s/image, speedup, peak GPU memory, search GPU-minutes, held-out quality"
     )

@@ -1,0 +1,96 @@
+"""`budcache bench ablation`: what each phase of the search buys on held-out pairs, and what it costs.
+
+Every variant searches the same calibration reference at every budget; the held-out MSE
+is the final-latent MSE of its mask against the uncached model on the bench's held-out
+pairs (the quality bench's `latent_mse`), and the cost is in calibration rollouts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from budcache_pipeline.models.adapter import Size
+
+ABLATION_BUDGETS = (14, 10, 7, 5, 4, 3)
+_PHASES_OFF = {"sa_iterations": 0, "hc_rounds": 0}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "dp": {"starts": ["dp"], **_PHASES_OFF},
+    "dp+hc": {"starts": ["dp"], "sa_iterations": 0},
+    "dp+sa+hc": {"starts": ["dp"]},
+    "uniform+sa+hc": {"starts": ["uniform"]},
+}
+"""Search variants by their phases; options not named are the Kedro default's (`kedro`)."""
+_SEARCH_KEYS = ("starts", "forced", "seed", "sa_iterations", "hc_rounds", "screen_samples", "dp_samples")
+COLUMNS = ["budget", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
+           "search_seconds", "mask"]
+
+
+def kedro_search_options(project_root: Path) -> tuple[dict[str, Any], str]:
+    """The project's default search settings (conf/base) and its forecast, so the ablation measures what runs."""
+    path = project_root / "conf" / "base" / "parameters_search.yml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the ablation from the Kedro project (its conf/base)")
+    search = yaml.safe_load(path.read_text())["search"]
+    return {k: search[k] for k in _SEARCH_KEYS if k in search}, search.get("forecast", "linear")
+
+
+def bench_ablation(
+    budgets: Sequence[int] = ABLATION_BUDGETS,
+    steps: int = 28,
+    calibration_size: int = 16,
+    holdout_size: int = 64,
+    *,
+    kedro_options: Mapping[str, Any],
+    forecast: str = "linear",
+    variants: Mapping[str, Mapping[str, Any]] = VARIANTS,
+    adapter: Any = None,
+    progress: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """One row per (budget, variant): calibration and held-out MSE, cost in calibration rollouts, mask."""
+    from budcache_pipeline.benchmarks import _default_prompt_sets
+    from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
+    from budcache_pipeline.search.objective import mask_key
+
+    budgets = sorted({int(b) for b in budgets}, reverse=True)
+    if not budgets or not all(1 <= b < steps for b in budgets):
+        raise ValueError(f"budgets must lie between 1 and steps - 1 = {steps - 1}, got {budgets}")
+    if adapter is None:
+        from budcache_pipeline.models.spec import load_adapter
+
+        adapter = load_adapter({})
+    calibration_pairs, holdout_pairs = _default_prompt_sets(calibration_size, holdout_size)
+    references = [
+        compute_reference(adapter, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps, Size(16, 16),
+                          progress=False)
+        for pairs in (calibration_pairs, holdout_pairs)
+    ]
+    holdout = MaskObjective(adapter, references[1], forecast=forecast)
+    everything = {"kedro": dict(kedro_options), **{n: {**kedro_options, **o} for n, o in variants.items()}}
+    rows = []
+    for budget in budgets:
+        for name, options in everything.items():
+            clock = time.perf_counter()
+            result = search_policy(MaskObjective(adapter, references[0], forecast=forecast), budget,
+                                   progress=False, **options)
+            rows.append({"budget": budget, "variant": name, "calibration_mse": result.loss,
+                         "holdout_mse": holdout(result.mask), "calibration_rollouts": result.cost["calibration_rollouts"],
+                         "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
+            progress(f"B={budget} {name}: held-out {rows[-1]['holdout_mse']:.3e}, "
+                     f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
+    table = pd.DataFrame(rows)
+    kedro = table[table["variant"] == "kedro"].set_index("budget")["holdout_mse"]
+    table["holdout_vs_kedro"] = table["holdout_mse"] / table["budget"].map(kedro)
+    return table[COLUMNS]
+
+
+def format_ablation(table: pd.DataFrame) -> str:
+    """The ablation as a terminal table, with the mean cost per variant underneath."""
+    shown = table.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+    means = table.groupby("variant", sort=False)["calibration_rollouts"].mean()
+    return shown + "\n\nmean calibration rollouts per budget: " + ", ".join(f"{n} {v:.2f}" for n, v in means.items())

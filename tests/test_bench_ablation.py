@@ -1,0 +1,52 @@
+"""`budcache bench ablation` on a reduced setting: every variant at every budget, costs that add up, bad input refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from budcache_pipeline.bench_ablation import COLUMNS, VARIANTS, bench_ablation, format_ablation, kedro_search_options
+from budcache_pipeline.console import main
+from budcache_pipeline.models.spec import load_adapter
+
+ROOT = Path(__file__).parents[1]
+SMALL = {"starts": ["dp", "uniform"], "sa_iterations": 6, "hc_rounds": 2, "screen_samples": 2, "dp_samples": 2}
+
+
+@pytest.fixture(scope="module")
+def table():
+    return bench_ablation((4, 2), steps=8, calibration_size=4, holdout_size=4, kedro_options=SMALL,
+                          adapter=load_adapter({}), progress=lambda _: None)
+
+
+def test_every_variant_is_searched_at_every_budget_and_scored_on_held_out_pairs(table):
+    assert list(table.columns) == COLUMNS
+    assert list(table["budget"].unique()) == [4, 2]
+    assert set(table["variant"]) == {"kedro", *VARIANTS}
+    assert all(mask.count("1") == budget and mask[0] == "1" for mask, budget in zip(table["mask"], table["budget"]))
+    assert (table["holdout_mse"] > 0).all() and (table["calibration_rollouts"] > 0).all()
+    assert (table[table["variant"] == "kedro"]["holdout_vs_kedro"] == 1.0).all()
+    for budget, rows in table.groupby("budget"):
+        by = rows.set_index("variant")
+        # Hill climbing only adds work to the DP start, and never ends above where it started.
+        assert by.loc["dp", "calibration_rollouts"] < by.loc["dp+hc", "calibration_rollouts"]
+        assert by.loc["dp+hc", "calibration_mse"] <= by.loc["dp", "calibration_mse"]
+        assert by.loc["uniform+sa+hc", "calibration_rollouts"] < by.loc["kedro", "calibration_rollouts"]
+    assert "mean calibration rollouts per budget: kedro" in format_ablation(table)
+
+
+def test_the_kedro_default_is_read_from_the_projects_conf_base(tmp_path):
+    options, forecast = kedro_search_options(ROOT)
+    assert options["starts"] == ["dp", "uniform"] and options["sa_iterations"] > 0 and forecast == "linear"
+    assert "checkpoint_dir" not in options and "processes" not in options
+    with pytest.raises(FileNotFoundError, match="parameters_search.yml not found"):
+        kedro_search_options(tmp_path)
+
+
+def test_bad_budgets_are_refused_with_a_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "ablation", "--budgets", "5,x"])
+    assert exit_info.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="between 1 and steps - 1"):
+        bench_ablation((8,), steps=8, kedro_options=SMALL, adapter=object())
