@@ -38,7 +38,7 @@ def test_every_variant_is_searched_at_every_budget_and_scored_on_held_out_pairs(
 
 def test_the_kedro_default_is_read_from_the_projects_conf_base(tmp_path):
     options, forecast = kedro_search_options(ROOT)
-    assert options["starts"] == ["dp", "uniform"] and options["sa_iterations"] > 0 and forecast == "linear"
+    assert options["starts"] == ["dp"] and options["sa_iterations"] > 0 and forecast == "linear"
     assert "checkpoint_dir" not in options and "processes" not in options
     with pytest.raises(FileNotFoundError, match="parameters_search.yml not found"):
         kedro_search_options(tmp_path)

@@ -204,7 +204,7 @@ def format_runtime_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-QUALITY_BUDGETS = (14, 10, 7, 5)
+QUALITY_BUDGETS = (14, 10, 7, 5, 4, 3)
 QUALITY_STEPS = 28
 ALIGN_MAX_BUDGET_FRACTION = 0.3
 QUALITY_GOALS = {"ratio": 0.60, "multi_over_single": 0.70, "reuse_over_naive": 0.40, "search_seconds": 30.0}

@@ -61,11 +61,17 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 
 def _bench_ablation(args: argparse.Namespace) -> int:
-    from budcache_pipeline.bench_ablation import bench_ablation, format_ablation, kedro_search_options
+    from budcache_pipeline.bench_ablation import (
+        ABLATION_BUDGETS,
+        bench_ablation,
+        format_ablation,
+        kedro_search_options,
+    )
     from budcache_pipeline.registry import find_project_root
 
     options, forecast = kedro_search_options(find_project_root())
-    table = bench_ablation(args.budgets, calibration_size=args.calibration, kedro_options=options, forecast=forecast)
+    budgets = args.budgets or ABLATION_BUDGETS
+    table = bench_ablation(budgets, calibration_size=args.calibration, kedro_options=options, forecast=forecast)
     print(format_ablation(table))
     if args.csv:
         write_text_atomic(args.csv, table.to_csv(index=False))
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablation = benches.add_parser(
         "ablation", help="held-out MSE and search cost per budget of DP alone, DP+HC, DP+SA+HC, uniform+SA+HC, the default"
     )
-    ablation.add_argument("--budgets", type=_budget_list, default=[14, 10, 7, 5, 4, 3],
+    ablation.add_argument("--budgets", type=_budget_list,
                           help="comma-separated compute budgets of 28 steps (default 14,10,7,5,4,3)")
     ablation.add_argument("--calibration", type=_positive_int, default=16,
                           help="calibration pairs (default 16, the Kedro default)")

@@ -6,7 +6,7 @@ pipeline's structure (one namespaced `search` copy per budget) is set here.
 
 from kedro.config import OmegaConfigLoader
 
-BUDGETS: list[int] = [14, 10, 7, 5]
+BUDGETS: list[int] = [14, 10, 7, 5, 4, 3]
 """Compute-step budgets to search, one namespaced pipeline copy (`budget_<B>`) each; dvc.yaml reads
 this list too (one `search@B` and `align@B` stage each), which is why it is a list: DVC takes no tuples."""
 

@@ -88,7 +88,7 @@ def test_registry_lists_ingest_and_default_with_explicit_node_names():
 
 
 def test_budgets_come_from_settings_and_are_checked(monkeypatch):
-    assert configured_budgets() == (14, 10, 7, 5)
+    assert configured_budgets() == (14, 10, 7, 5, 4, 3)
     monkeypatch.setattr(settings, "BUDGETS", (5, 10))
     assert configured_budgets() == (10, 5)
     monkeypatch.setattr(settings, "BUDGETS", (5, 5))
