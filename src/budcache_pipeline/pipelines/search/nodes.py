@@ -13,14 +13,15 @@ from typing import Any
 import pandas as pd
 
 from budcache_pipeline.pipelines.common import load_model, model_spec
-from budcache_pipeline.policy import CachePolicy, model_fingerprint, weights_digest
+from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy
 from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.engine import SearchResult
 from budcache_pipeline.search.objective import mask_key
-from budcache_pipeline.search.prefix_store import PREFIX_STATE_STATS, parse_bytes
+from budcache_pipeline.search.prefix_store import parse_bytes
 from budcache_pipeline.search.reference import save_reference
 from budcache_pipeline.search.search_worker import MODULE as SEARCH_WORKER
+from budcache_pipeline.search.search_worker import search_record
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +116,7 @@ def _search_here(
     adapter = load_model(model_params)
     objective = MaskObjective(adapter, reference, **objective_options)
     result = search_policy(objective, budget, checkpoint=checkpoint, **engine_options)
-    return {
-        "result": result,
-        "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
-        "model_fingerprint": model_fingerprint(adapter.transformer),
-        "model_weights": weights_digest(adapter.transformer),
-    }
+    return {"result": result, **search_record(objective)}
 
 
 def _search_under_torchrun(
