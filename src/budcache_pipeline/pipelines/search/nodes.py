@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model, model_spec
+from budcache_pipeline.pipelines.common import load_model, model_spec, process_count
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy
 from budcache_pipeline.search.distributed import launch_torchrun
@@ -168,7 +168,7 @@ def search_budget(
             f"budget {budget} exceeds the reference's {reference_calibration.steps} steps: "
             "lower BUDCACHE_BUDGETS / settings.BUDGETS or raise model.steps"
         )
-    processes = _processes(params)
+    processes = process_count(params.get("processes", 1), "search.processes")
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     reference = reference_calibration.subset(indices)
     settings = _settings(params, budget, len(reference))
@@ -196,13 +196,6 @@ def search_budget(
         result.cost["evaluations"], result.cost["wall_seconds"], processes,
     )
     return policy, result.history, _summary(result, settings, found["prefix_states"], processes)
-
-
-def _processes(params: dict[str, Any]) -> int:
-    processes = params.get("processes", 1)
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"search.processes must be a positive integer (torchrun ranks), got {processes!r}")
-    return processes
 
 
 def _summary(
