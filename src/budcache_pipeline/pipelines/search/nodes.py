@@ -108,11 +108,18 @@ def _engine_options(settings: dict[str, Any], params: dict[str, Any]) -> dict[st
     }
 
 
-def _search_here(
+def _search(
     reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
-    budget: int, engine_options: dict[str, Any], checkpoint: Path | None,
+    budget: int, engine_options: dict[str, Any], checkpoint: Path | None, processes: int,
 ) -> dict[str, Any]:
-    """The search in this process: its result, the prefix store's counters and the model's identity."""
+    """The search's result, the prefix store's counters and the model's identity.
+
+    In this process when `processes` is 1, else on that many torchrun ranks; the node reads
+    the same keys from either, so it picks neither runner itself.
+    """
+    if processes > 1:
+        return _search_under_torchrun(reference, model_params, objective_options, budget, engine_options,
+                                      checkpoint, processes)
     adapter = load_model(model_params)
     objective = MaskObjective(adapter, reference, **objective_options)
     result = search_policy(objective, budget, checkpoint=checkpoint, **engine_options)
@@ -138,8 +145,7 @@ def _search_under_torchrun(
             "reference": str(folder / "reference"),
             "budget": budget,
             "torch_threads": max(1, threads // processes),
-            "search": {**engine_options, "starts": list(engine_options["starts"]),
-                       "forced": list(engine_options["forced"])},
+            "search": engine_options,
             "objective": objective_options,
             "checkpoint": str(checkpoint) if checkpoint else None,
             "result": str(folder / "result.json"),
@@ -174,10 +180,8 @@ def search_budget(
     settings = _settings(params, budget, len(reference))
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
-    run = _search_under_torchrun if processes > 1 else _search_here
-    extra = (processes,) if processes > 1 else ()
-    found = run(reference, model_params, _objective_options(params, settings["forecast"]), budget,
-                _engine_options(settings, params), checkpoint, *extra)
+    found = _search(reference, model_params, _objective_options(params, settings["forecast"]), budget,
+                    _engine_options(settings, params), checkpoint, processes)
     result: SearchResult = found["result"]
     policy = result_to_policy(
         result,
