@@ -68,6 +68,17 @@ def model_steps(model_params: dict[str, Any]) -> int:
     return int(steps)
 
 
+def process_count(value: Any, name: str) -> int:
+    """`value` as a torchrun rank count, refused naming the parameter `name` unless a positive integer.
+
+    One check for every node that launches ranks (`search.processes`, `evaluate.processes`);
+    a bool is refused although Python counts it as an int.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (torchrun ranks), got {value!r}")
+    return value
+
+
 def resume_dir(root: str, name: str, identity: dict[str, Any]) -> Path:
     """A scratch folder per (name, model, settings, inputs): an interrupted run resumes in it,
     and a run with other inputs or settings never picks up its batches."""

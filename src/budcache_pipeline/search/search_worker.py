@@ -26,6 +26,20 @@ from budcache_pipeline.search.reference import load_reference
 MODULE = "budcache_pipeline.search.search_worker"
 
 
+def search_record(objective: MaskObjective) -> dict[str, Any]:
+    """What a policy and its summary keep of a search beside the result, the same in one process or K.
+
+    The prefix store's counters (this process's share of the states) and the model's
+    fingerprint and weights digest, which the policy records so it is never used on another model.
+    """
+    transformer = objective.adapter.transformer
+    return {
+        "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
+        "model_fingerprint": model_fingerprint(transformer),
+        "model_weights": weights_digest(transformer),
+    }
+
+
 def run_search_job(job: dict[str, Any], shard: Shard) -> SearchResult:
     """The search a job file describes, on this rank's rows; rank 0 writes `job["result"]`.
 
@@ -45,13 +59,7 @@ def run_search_job(job: dict[str, Any], shard: Shard) -> SearchResult:
         out = Path(job["result"])
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
-        written = {
-            **result.to_dict(),
-            "processes": shard.world_size,
-            "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
-            "model_fingerprint": model_fingerprint(adapter.transformer),
-            "model_weights": weights_digest(adapter.transformer),
-        }
+        written = {**result.to_dict(), "processes": shard.world_size, **search_record(objective)}
         tmp.write_text(json.dumps(written, indent=2))
         os.replace(tmp, out)
     shard.barrier("the result write")

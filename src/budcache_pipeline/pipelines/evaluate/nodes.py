@@ -28,7 +28,7 @@ from budcache_pipeline.evaluation import (
 )
 from budcache_pipeline.evaluation.shards import batch_slices, method_to_json, saved_method_run
 from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
-from budcache_pipeline.pipelines.common import load_model, resume_dir
+from budcache_pipeline.pipelines.common import load_model, process_count, resume_dir
 from budcache_pipeline.pipelines.search.nodes import calibration_subset
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.reporting import plot_convergence, plot_masks, plot_pareto, plot_sample_grid
@@ -146,9 +146,8 @@ def _held_out_runs(
     resumes there), and with `params.processes` above 1 torchrun ranks fill their blocks of
     batches first: the same batches, so the same table as one process with that batch size.
     """
-    batch_size, processes = params.get("batch_size"), params.get("processes", 1)
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"evaluate.processes must be a positive integer (torchrun ranks), got {processes!r}")
+    batch_size = params.get("batch_size")
+    processes = process_count(params.get("processes", 1), "evaluate.processes")
     batches = batch_slices(len(holdout), batch_size)
     if processes > 1 and batch_size is None:
         raise ValueError(

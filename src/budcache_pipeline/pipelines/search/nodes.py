@@ -12,15 +12,16 @@ from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model, model_spec
-from budcache_pipeline.policy import CachePolicy, model_fingerprint, weights_digest
+from budcache_pipeline.pipelines.common import load_model, model_spec, process_count
+from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy
 from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.engine import SearchResult
 from budcache_pipeline.search.objective import mask_key
-from budcache_pipeline.search.prefix_store import PREFIX_STATE_STATS, parse_bytes
+from budcache_pipeline.search.prefix_store import parse_bytes
 from budcache_pipeline.search.reference import save_reference
 from budcache_pipeline.search.search_worker import MODULE as SEARCH_WORKER
+from budcache_pipeline.search.search_worker import search_record
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +108,22 @@ def _engine_options(settings: dict[str, Any], params: dict[str, Any]) -> dict[st
     }
 
 
-def _search_here(
+def _search(
     reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
-    budget: int, engine_options: dict[str, Any], checkpoint: Path | None,
+    budget: int, engine_options: dict[str, Any], checkpoint: Path | None, processes: int,
 ) -> dict[str, Any]:
-    """The search in this process: its result, the prefix store's counters and the model's identity."""
+    """The search's result, the prefix store's counters and the model's identity.
+
+    In this process when `processes` is 1, else on that many torchrun ranks; the node reads
+    the same keys from either, so it picks neither runner itself.
+    """
+    if processes > 1:
+        return _search_under_torchrun(reference, model_params, objective_options, budget, engine_options,
+                                      checkpoint, processes)
     adapter = load_model(model_params)
     objective = MaskObjective(adapter, reference, **objective_options)
     result = search_policy(objective, budget, checkpoint=checkpoint, **engine_options)
-    return {
-        "result": result,
-        "prefix_states": {k: objective.stats.get(k, 0) for k in PREFIX_STATE_STATS},
-        "model_fingerprint": model_fingerprint(adapter.transformer),
-        "model_weights": weights_digest(adapter.transformer),
-    }
+    return {"result": result, **search_record(objective)}
 
 
 def _search_under_torchrun(
@@ -142,8 +145,7 @@ def _search_under_torchrun(
             "reference": str(folder / "reference"),
             "budget": budget,
             "torch_threads": max(1, threads // processes),
-            "search": {**engine_options, "starts": list(engine_options["starts"]),
-                       "forced": list(engine_options["forced"])},
+            "search": engine_options,
             "objective": objective_options,
             "checkpoint": str(checkpoint) if checkpoint else None,
             "result": str(folder / "result.json"),
@@ -172,16 +174,14 @@ def search_budget(
             f"budget {budget} exceeds the reference's {reference_calibration.steps} steps: "
             "lower BUDCACHE_BUDGETS / settings.BUDGETS or raise model.steps"
         )
-    processes = _processes(params)
+    processes = process_count(params.get("processes", 1), "search.processes")
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     reference = reference_calibration.subset(indices)
     settings = _settings(params, budget, len(reference))
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
-    run = _search_under_torchrun if processes > 1 else _search_here
-    extra = (processes,) if processes > 1 else ()
-    found = run(reference, model_params, _objective_options(params, settings["forecast"]), budget,
-                _engine_options(settings, params), checkpoint, *extra)
+    found = _search(reference, model_params, _objective_options(params, settings["forecast"]), budget,
+                    _engine_options(settings, params), checkpoint, processes)
     result: SearchResult = found["result"]
     policy = result_to_policy(
         result,
@@ -201,13 +201,6 @@ def search_budget(
         result.cost["evaluations"], result.cost["calibration_rollouts"], result.cost["wall_seconds"], processes,
     )
     return policy, result.history, _summary(result, settings, found["prefix_states"], processes)
-
-
-def _processes(params: dict[str, Any]) -> int:
-    processes = params.get("processes", 1)
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"search.processes must be a positive integer (torchrun ranks), got {processes!r}")
-    return processes
 
 
 def _summary(
