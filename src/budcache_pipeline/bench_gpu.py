@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from budcache_pipeline.call_timer import CallTimer, synchronize
+
 TINY_ENVIRONMENTS = ("tiny_flux", "tiny_wan", "tiny_sd3")
 DEFAULT_ENVIRONMENT = "local"
 """Kedro's default run environment (settings.CONFIG_LOADER_ARGS): `--env local` is the same as no `--env`."""
@@ -62,31 +64,6 @@ def _check_small_model(model: dict[str, Any], env: str | None) -> None:
         )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _CallTimer:
-    """Seconds of every transformer call, synchronised on CUDA (torch's forward hooks, outside diffusers')."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
-        self.device, self.seconds, self._started = device, [], 0.0
-        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
-
-    def _pre(self, *_: Any) -> None:
-        _sync(self.device)
-        self._started = time.perf_counter()
-
-    def _post(self, *_: Any) -> None:
-        _sync(self.device)
-        self.seconds.append(time.perf_counter() - self._started)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def _time_images(
     adapter: Any, pairs: Sequence[tuple[str, int]], size: Any, schedule: dict[str, Any], policy: Any, timer_calls: bool
 ) -> dict[str, Any]:
@@ -97,14 +74,14 @@ def _time_images(
     run_pipeline(adapter, [pairs[0][0]], [pairs[0][1]], size, schedule, policy)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer = _CallTimer(adapter.transformer, device) if timer_calls else None
+    timer = CallTimer(adapter.transformer, device, label="calls") if timer_calls else None
     seconds, computed = [], 0
     try:
         for prompt, seed in pairs:
-            _sync(device)
+            synchronize(device)
             started = time.perf_counter()
             _, computed = run_pipeline(adapter, [prompt], [seed], size, schedule, policy)
-            _sync(device)
+            synchronize(device)
             seconds.append(time.perf_counter() - started)
     finally:
         if timer is not None:
@@ -113,7 +90,7 @@ def _time_images(
         "seconds_per_image": sum(seconds) / len(seconds),
         "computed_steps": computed,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "per_call_seconds": (sorted(timer.seconds)[len(timer.seconds) // 2] if timer and timer.seconds else None),
+        "per_call_seconds": (timer.percentile("calls", 0.5) if timer else None),
     }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from budcache_pipeline.call_timer import CallTimer
 from budcache_pipeline.caching import disable_budcache, enable_budcache
 from budcache_pipeline.models.adapter import Size
 from budcache_pipeline.models.flux import FluxAdapter
@@ -49,34 +50,6 @@ def _time_once(run: Callable[[], Any]) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
-
-
-class _CallTimer:
-    """Wall time of every call of a module, from torch's own forward hooks (outside any diffusers hook)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.times: dict[str, list[float]] = {}
-        self.label = ""
-        self._started = 0.0
-        self._handles = [
-            module.register_forward_pre_hook(self._pre),
-            module.register_forward_hook(self._post),
-        ]
-
-    def _pre(self, *_: Any) -> None:
-        self._started = time.perf_counter()
-
-    def _post(self, *_: Any) -> None:
-        if self.label:
-            self.times.setdefault(self.label, []).append(time.perf_counter() - self._started)
-
-    def percentile(self, label: str, q: float) -> float:
-        ordered = sorted(self.times[label])
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def bench_runtime(
@@ -142,7 +115,7 @@ def bench_runtime(
             progress(f"round {repeat + 1}/{repeats}: no cache {statistics.median(none_times):.3f} s/image (median)")
         per_call = None
         if steps in budgets:
-            timer = _CallTimer(pipe.transformer)
+            timer = CallTimer(pipe.transformer)
             try:
                 for repeat in range(overhead_repeats):
                     for label in ("none", "hooked") if repeat % 2 == 0 else ("hooked", "none"):
