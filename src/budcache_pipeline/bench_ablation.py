@@ -25,8 +25,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dp+sa+hc": {"starts": ["dp"]},
     "uniform+sa+hc": {"starts": ["uniform"]},
 }
-"""Search variants by their phases; options not named are the Kedro default's (`kedro`)."""
-_SEARCH_KEYS = ("starts", "forced", "seed", "sa_iterations", "hc_rounds", "screen_samples", "dp_samples")
+"""Search variants by their phases; options not named are the Kedro default's (`kedro`), and a variant
+that names its starts uses them at every budget."""
+_SEARCH_KEYS = ("starts", "tight_starts", "tight_budget_fraction", "forced", "seed", "sa_iterations", "hc_rounds",
+                "screen_samples", "dp_samples")
+_TIGHT_KEYS = ("tight_starts", "tight_budget_fraction")
 COLUMNS = ["budget", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
            "search_seconds", "mask"]
 
@@ -54,7 +57,7 @@ def bench_ablation(
 ) -> pd.DataFrame:
     """One row per (budget, variant): calibration and held-out MSE, cost in calibration rollouts, mask."""
     from budcache_pipeline.benchmarks import _default_prompt_sets
-    from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
+    from budcache_pipeline.search import MaskObjective, compute_reference, search_policy, starts_for_budget
     from budcache_pipeline.search.objective import mask_key
 
     budgets = sorted({int(b) for b in budgets}, reverse=True)
@@ -71,11 +74,15 @@ def bench_ablation(
         for pairs in (calibration_pairs, holdout_pairs)
     ]
     holdout = MaskObjective(adapter, references[1], forecast=forecast)
-    everything = {"kedro": dict(kedro_options), **{n: {**kedro_options, **o} for n, o in variants.items()}}
+    everything = {"kedro": dict(kedro_options), **{n: _variant(kedro_options, o) for n, o in variants.items()}}
     rows = []
     for budget in budgets:
-        for name, options in everything.items():
+        for name, chosen in everything.items():
             clock = time.perf_counter()
+            options = {k: v for k, v in chosen.items() if k not in _TIGHT_KEYS}
+            options["starts"] = starts_for_budget(
+                budget, steps, chosen["starts"], chosen.get("tight_starts"), chosen.get("tight_budget_fraction")
+            )
             result = search_policy(MaskObjective(adapter, references[0], forecast=forecast), budget,
                                    progress=False, **options)
             rows.append({"budget": budget, "variant": name, "calibration_mse": result.loss,
@@ -87,6 +94,14 @@ def bench_ablation(
     kedro = table[table["variant"] == "kedro"].set_index("budget")["holdout_mse"]
     table["holdout_vs_kedro"] = table["holdout_mse"] / table["budget"].map(kedro)
     return table[COLUMNS]
+
+
+def _variant(kedro_options: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str, Any]:
+    options = {**kedro_options, **variant}
+    if "starts" in variant:
+        for key in _TIGHT_KEYS:
+            options.pop(key, None)
+    return options
 
 
 def format_ablation(table: pd.DataFrame) -> str:

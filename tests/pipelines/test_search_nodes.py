@@ -74,3 +74,18 @@ def test_a_process_count_that_is_not_a_positive_integer_is_refused(processes):
     reference = type("Reference", (), {"steps": 8})()
     with pytest.raises(ValueError, match="search.processes must be a positive integer"):
         search_budget(reference, PROMPTS, MODEL, {**SEARCH, "processes": processes}, 4)
+
+
+def test_tight_budgets_search_from_the_tight_starts_and_the_policy_says_so(tmp_path):
+    adapter = load_model(MODEL)
+    prompts = pd.DataFrame({"prompt": [f"prompt {i}" for i in range(4)], "seed": list(range(4))})
+    reference = compute_reference(adapter, prompts["prompt"].tolist(), prompts["seed"].tolist(), 8,
+                                  model_size(adapter, MODEL), progress=False)
+    params = {**SEARCH, "starts": ["dp"], "tight_starts": ["uniform"], "tight_budget_fraction": 0.3,
+              "checkpoint_dir": str(tmp_path)}
+    tight, _, tight_summary = search_budget(reference, prompts, MODEL, params, 2)
+    loose, _, _ = search_budget(reference, prompts, MODEL, params, 4)
+    assert tight.provenance["search"]["starts"] == ["uniform"] and loose.provenance["search"]["starts"] == ["dp"]
+    assert [s["start"] for s in tight_summary["starts"]] == ["uniform"]
+    with pytest.raises(ValueError, match="tight_budget_fraction must be a number in \\(0, 1\\)"):
+        search_budget(reference, prompts, MODEL, {**params, "tight_budget_fraction": 1.5}, 2)

@@ -18,6 +18,7 @@ from budcache_pipeline.search.starts import (
     front_loaded_start,
     normalise_forced,
     random_start,
+    starts_for_budget,
     uniform_start,
 )
 from tests.search.conftest import STEPS
@@ -107,3 +108,16 @@ def test_edge_error_cost_is_counted_against_separate_rollouts_from_the_noise(ada
     separate = n + n * (n - 1) // 2 + (n - 2) * (n - 1)
     assert objective.stats["start_block_stack_calls"] == pytest.approx(shared * per_pair)
     assert objective.stats["start_block_stack_calls_naive"] == pytest.approx(separate * per_pair)
+
+
+def test_starts_follow_the_budget_fraction_and_bad_settings_are_refused():
+    assert starts_for_budget(5, 28, ["dp"], ["uniform"], 0.2) == ["uniform"]
+    assert starts_for_budget(7, 28, ["dp"], ["uniform"], 0.2) == ["dp"]
+    assert starts_for_budget(3, 28, ["dp", "uniform"]) == ["dp", "uniform"]
+    assert starts_for_budget(3, 28, ["dp"], ["uniform"], None) == ["dp"]
+    for fraction in (0, 1, -0.1, True, "0.2"):
+        with pytest.raises(SearchSetupError, match="tight_budget_fraction"):
+            starts_for_budget(3, 28, ["dp"], ["uniform"], fraction)
+    for tight in (None, [], "uniform"):
+        with pytest.raises(SearchSetupError, match="tight_starts must be a non-empty list"):
+            starts_for_budget(3, 28, ["dp"], tight, 0.2)

@@ -15,7 +15,7 @@ from budcache_pipeline.search.reference import (
     compute_reference,
     load_reference,
 )
-from budcache_pipeline.search.starts import SearchSetupError, dp_start, edge_errors
+from budcache_pipeline.search.starts import SearchSetupError, dp_start, edge_errors, starts_for_budget
 
 __all__ = [
     "DEFAULT_STARTS",
@@ -37,4 +37,5 @@ __all__ = [
     "mask_key",
     "result_to_policy",
     "search_policy",
+    "starts_for_budget",
 ]

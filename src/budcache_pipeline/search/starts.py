@@ -46,6 +46,29 @@ def normalise_forced(forced: Iterable[int], steps: int, budget: int) -> tuple[in
     return tuple(sorted(positions))
 
 
+def starts_for_budget(
+    budget: int,
+    steps: int,
+    starts: Sequence[str],
+    tight_starts: Sequence[str] | None = None,
+    tight_budget_fraction: float | None = None,
+) -> list[str]:
+    """`tight_starts` when budget / steps is at most `tight_budget_fraction`, else `starts` (always, when it is None).
+
+    Starts pay off differently by budget (`budcache bench ablation`): the DP start makes the
+    loose budgets good, while at tight ones annealing from the uniform start reaches the
+    same masks for a fraction of the DP start's rollouts.
+    """
+    if tight_budget_fraction is None:
+        return list(starts)
+    fraction = tight_budget_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise SearchSetupError(f"tight_budget_fraction must be a number in (0, 1), got {fraction!r}")
+    if isinstance(tight_starts, str) or not tight_starts:
+        raise SearchSetupError(f"tight_starts must be a non-empty list of start names, got {tight_starts!r}")
+    return list(tight_starts) if budget / steps <= fraction else list(starts)
+
+
 def check_mask(mask: Sequence[bool], steps: int, budget: int, forced: Sequence[int], name: str = "mask") -> list[bool]:
     """A copy of `mask` as booleans, or a SearchSetupError saying what is wrong with it."""
     mask = [bool(m) for m in mask]

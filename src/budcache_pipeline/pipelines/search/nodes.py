@@ -14,7 +14,7 @@ import pandas as pd
 
 from budcache_pipeline.pipelines.common import load_model, model_spec, process_count
 from budcache_pipeline.policy import CachePolicy
-from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy
+from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy, starts_for_budget
 from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.engine import SearchResult
 from budcache_pipeline.search.objective import mask_key
@@ -65,11 +65,13 @@ def _checkpoint(directory: str | None, budget: int, signature: dict[str, Any]) -
     return Path(directory) / f"budget_{budget}-{digest}.json"
 
 
-def _settings(params: dict[str, Any], budget: int, pairs: int) -> dict[str, Any]:
+def _settings(params: dict[str, Any], budget: int, steps: int, pairs: int) -> dict[str, Any]:
     """The search's settings as the policy's provenance records them (and the checkpoint is keyed by)."""
     return {
         "budget": budget,
-        "starts": list(params["starts"]),
+        "starts": starts_for_budget(
+            budget, steps, params["starts"], params.get("tight_starts"), params.get("tight_budget_fraction")
+        ),
         "forced": list(params["forced"]),
         "seed": int(params["seed"]),
         "sa_iterations": int(params["sa_iterations"]),
@@ -177,7 +179,7 @@ def search_budget(
     processes = process_count(params.get("processes", 1), "search.processes")
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     reference = reference_calibration.subset(indices)
-    settings = _settings(params, budget, len(reference))
+    settings = _settings(params, budget, reference.steps, len(reference))
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
     found = _search(reference, model_params, _objective_options(params, settings["forecast"]), budget,
