@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from budcache_pipeline import benchmarks
-from budcache_pipeline.benchmarks import bench_quality, format_quality_table
+import budcache_pipeline.bench_quality as quality_bench
+from budcache_pipeline.bench_quality import bench_quality, format_quality_table
 from budcache_pipeline.models.digits.prompt_sets import benchmark_prompt_sets as quality_prompt_sets
 from budcache_pipeline.console import main
 from tests.conftest import tiny_flux_pipeline
@@ -80,7 +80,7 @@ def test_reduced_bench_reports_every_figure(result, figures):
 @pytest.mark.slow
 def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
+    monkeypatch.setattr(quality_bench, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
     code = main(["bench", "quality", "--json", str(tmp_path / "q.json"), "--csv", str(tmp_path / "q.csv")])
     assert code == 0 and asked == ["linear"]
     assert json.loads((tmp_path / "q.json").read_text())["budgets"].keys() == {"4", "2"}
@@ -92,7 +92,7 @@ def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_cli_passes_the_forecast_and_refuses_unknown_ones(result, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(benchmarks, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
+    monkeypatch.setattr(quality_bench, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
     assert main(["bench", "quality", "--forecast", "reuse"]) == 0 and asked == ["reuse"]
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--forecast", "cubic"])

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from budcache_pipeline.benchmarks import bench_runtime, format_runtime_table
+from budcache_pipeline.bench_runtime import bench_runtime, format_runtime_table
 from budcache_pipeline.console import main
 
 
@@ -51,9 +51,9 @@ def test_cli_rejects_nonpositive_repeats(capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.slow
 def test_json_is_written_where_asked(tmp_path, monkeypatch: pytest.MonkeyPatch, result: dict) -> None:
-    import budcache_pipeline.benchmarks as benchmarks
+    import budcache_pipeline.bench_runtime as runtime_bench
 
-    monkeypatch.setattr(benchmarks, "bench_runtime", lambda repeats: result)
+    monkeypatch.setattr(runtime_bench, "bench_runtime", lambda repeats: result)
     out = tmp_path / "bench" / "runtime.json"
     assert main(["bench", "runtime", "--repeats", "1", "--json", str(out)]) == 0
     written = json.loads(out.read_text())

@@ -56,7 +56,7 @@ def bench_ablation(
     progress: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """One row per (budget, variant): calibration and held-out MSE, cost in calibration rollouts, mask."""
-    from budcache_pipeline.benchmarks import _default_prompt_sets
+    from budcache_pipeline.bench_quality import default_prompt_sets
     from budcache_pipeline.search import MaskObjective, compute_reference, search_policy, starts_for_budget
     from budcache_pipeline.search.objective import mask_key
 
@@ -67,7 +67,7 @@ def bench_ablation(
         from budcache_pipeline.models.spec import load_adapter
 
         adapter = load_adapter({})
-    calibration_pairs, holdout_pairs = _default_prompt_sets(calibration_size, holdout_size)
+    calibration_pairs, holdout_pairs = default_prompt_sets(calibration_size, holdout_size)
     references = [
         compute_reference(adapter, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps, Size(16, 16),
                           progress=False)

@@ -38,7 +38,7 @@ def _positive_int(text: str) -> int:
 
 
 def _bench_runtime(args: argparse.Namespace) -> int:
-    from budcache_pipeline.benchmarks import bench_runtime, format_runtime_table
+    from budcache_pipeline.bench_runtime import bench_runtime, format_runtime_table
 
     result = bench_runtime(repeats=args.repeats)
     print(format_runtime_table(result))
@@ -49,7 +49,7 @@ def _bench_runtime(args: argparse.Namespace) -> int:
 def _bench_quality(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from budcache_pipeline.benchmarks import bench_quality, format_quality_table
+    from budcache_pipeline.bench_quality import bench_quality, format_quality_table
 
     result = bench_quality(forecast=args.forecast, out_dir=args.figures)
     print(format_quality_table(result))
