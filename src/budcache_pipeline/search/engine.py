@@ -36,6 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from budcache_pipeline.atomic import write_text_atomic
+from budcache_pipeline.cost import search_rollouts
 from budcache_pipeline.policy import CachePolicy, provenance_now
 from budcache_pipeline.search.distributed import Shard
 from budcache_pipeline.search.hill_climbing import CONFIRM, FAR_JUMPS
@@ -192,7 +193,7 @@ class _CostMeter:
             cost[key] = self.prior.get(key, 0.0) + total[key] + start
         naive = cost["block_stack_calls_naive"]
         cost["saved_fraction"] = 1.0 - cost["block_stack_calls"] / naive if naive else 0.0
-        cost["calibration_rollouts"] = cost["block_stack_calls"] / self.objective.steps
+        cost["calibration_rollouts"] = search_rollouts(cost, self.objective.steps)
         return cost
 
 
