@@ -61,12 +61,13 @@ def starts_for_budget(
     """
     if tight_budget_fraction is None:
         return list(starts)
-    fraction = tight_budget_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise SearchSetupError(f"tight_budget_fraction must be a number in (0, 1), got {fraction!r}")
+    if isinstance(tight_budget_fraction, bool) or not isinstance(tight_budget_fraction, (int, float)) or not (
+        0 < tight_budget_fraction < 1
+    ):
+        raise SearchSetupError(f"tight_budget_fraction must be a number in (0, 1), got {tight_budget_fraction!r}")
     if isinstance(tight_starts, str) or not tight_starts:
         raise SearchSetupError(f"tight_starts must be a non-empty list of start names, got {tight_starts!r}")
-    return list(tight_starts) if budget / steps <= fraction else list(starts)
+    return list(tight_starts) if budget / steps <= tight_budget_fraction else list(starts)
 
 
 def check_mask(mask: Sequence[bool], steps: int, budget: int, forced: Sequence[int], name: str = "mask") -> list[bool]:
