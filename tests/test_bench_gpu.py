@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from budcache_pipeline.bench_gpu import CPU_NOTE, BenchGpuError, check_environment
+from budcache_pipeline.known_models import FLUX_1_DEV
 from budcache_pipeline.console import main
 from tests.reduced_project import TINY_BUDGETS, copy_project, environment, run, tiny_project
 
@@ -75,7 +76,8 @@ def test_figures_come_from_the_run_and_the_hooks(benched):
         assert row["best_baseline"] == baselines.sort_values("latent_mse").iloc[0]["method"]
     assert result["uncached"]["per_call_seconds"] > 0
     prediction = result["flux_dev_prediction"]
-    assert prediction["per_call_seconds"] == 0.2 and "assumed" in prediction["per_call_source"]
+    assert prediction["per_call_seconds"] == FLUX_1_DEV.per_call_seconds
+    assert prediction["per_call_source"].startswith("measured on an H200")
     one, eight = prediction["by_gpus"]["1"], prediction["by_gpus"]["8"]
     assert eight["search_wall_minutes"] == pytest.approx(one["search_wall_minutes"] / 8)
 

@@ -79,6 +79,19 @@ def _bench_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_real_size(args: argparse.Namespace) -> int:
+    from budcache_pipeline.bench_real_size import SearchProbe, format_real_size, run_real_size
+
+    from budcache_pipeline.search.prefix_store import parse_bytes
+
+    probe = SearchProbe(prompts=args.prompts, budget=args.budget, max_state_bytes=parse_bytes(args.max_state_bytes))
+    results = run_real_size(args.model or ["flux-dev", "wan21-1.3b"], args.search or [], probe=probe)
+    print(format_real_size(results))
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def _bench_gpu(args: argparse.Namespace) -> int:
     from budcache_pipeline.bench_gpu import bench_gpu, format_bench_gpu
 
@@ -220,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--images", type=_positive_int, default=2, help="held-out images timed per method (default 2)")
     gpu.add_argument("--json", help="also write the result as JSON here")
     gpu.set_defaults(handler=_bench_gpu)
+    real = benches.add_parser(
+        "real-size", help="a released model's speed, memory and state size at served size, random weights (GPU)"
+    )
+    real.add_argument("--model", action="append", help="flux-dev or wan21-1.3b (repeatable; default both)")
+    real.add_argument("--search", action="append", help="also probe a short search on this model (repeatable)")
+    real.add_argument("--prompts", type=_positive_int, default=2, help="calibration prompts of the probe (default 2)")
+    real.add_argument("--budget", type=_positive_int, default=10, help="the probe's budget of 28 steps (default 10)")
+    real.add_argument("--max-state-bytes", help="the probe's bound on prefix-state bytes, e.g. 4GB (default: none)")
+    real.add_argument("--json", help="also write the figures as JSON here")
+    real.set_defaults(handler=_bench_real_size)
 
     generate = commands.add_parser("generate", help="a PNG grid of one prompt over several seeds, optionally under a policy")
     generate.add_argument("--prompt", required=True, help='e.g. "a handwritten seven" for the embedded default model')

@@ -4,7 +4,8 @@ The configs are the `transformer/config.json` files of the diffusers checkpoints
 `docs/cost.md` can be recomputed without downloading anything. Sources:
 - FLUX.1-dev: https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/transformer/config.json
 - Wan2.1-T2V-1.3B: https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json
-Figures marked `assumed` are NOT measured here (no GPU); `budcache bench gpu` measures them.
+Per-call times and working memory were measured on an H200 (`budcache bench real-size`, random
+weights, bfloat16, batch 1 and 2; the JSON in docs/measurements/); the other figures say their source.
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ FLUX_SCHEDULER: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteSchedule
 class KnownModel:
     """A released model at the size it is served at, and the figures the cost model needs beyond its config.
 
-    `per_call_seconds` (one transformer call, one sample, bfloat16, H100-class GPU),
+    `per_call_seconds` (one transformer call, one sample, bfloat16, Hopper GPU),
+    `activation_bytes_per_sample` (a call's peak memory above the weights; None: `cost.activation_estimate`),
     `resident_bytes` (text encoders and VAE kept on the GPU beside the transformer) and
-    `search_rollouts` (one budget's search in calibration-rollout equivalents) are quoted,
-    assumed or measured on a tiny model, with `sources` saying which.
+    `search_rollouts` (one budget's search in calibration-rollout equivalents) are measured at real
+    size, quoted, or measured on a tiny model, with `sources` saying which.
     """
 
     name: str
+    adapter: str
     transformer: dict[str, Any]
     scheduler: dict[str, Any]
     height: int
@@ -96,6 +99,8 @@ class KnownModel:
     vae_scale_factor: int = 8
     vae_temporal_factor: int = 4
     dtype: str = "bfloat16"
+    guidance_scale: float | None = None
+    activation_bytes_per_sample: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
     def build_scheduler(self) -> Any:
@@ -143,7 +148,7 @@ def known_inputs(
         state_bytes_per_sample=model.state(forecast).state_bytes,
         weight_bytes=shape.parameters * item,
         resident_bytes=model.resident_bytes,
-        activation_bytes_per_sample=activation_estimate(shape, model.dtype),
+        activation_bytes_per_sample=model.activation_bytes_per_sample or activation_estimate(shape, model.dtype),
         reference_batch=reference_batch,
     )
 
@@ -156,6 +161,7 @@ def plan(inputs: CostInputs, gpus: int) -> tuple[int, CostPrediction]:
 
 FLUX_1_DEV = KnownModel(
     name="FLUX.1-dev 1024x1024, 28 steps",
+    adapter="flux",
     transformer=FLUX_1_DEV_TRANSFORMER,
     scheduler=FLUX_SCHEDULER,
     height=1024,
@@ -165,12 +171,16 @@ FLUX_1_DEV = KnownModel(
     budget=10,
     contexts=1,
     latent_dtype="bfloat16",
-    per_call_seconds=0.2,
+    per_call_seconds=0.174,
+    activation_bytes_per_sample=490_263_552,
     search_rollouts=8.9,
     resident_bytes=10_200_000_000,
     sources={
-        "per_call_seconds": "assumed, NOT measured here: issue 18 / DESIGN.md section 6, "
-        "'about 0.2 s per image per call on an H100-class GPU'",
+        "per_call_seconds": "measured on an H200 (2026-12-04, budcache bench real-size, random weights, bfloat16, "
+        "SDPA): median step at batch 1 of three runs 172.9-174.7 ms, 175.0 ms per sample at batch 2 "
+        "(docs/measurements/h200-real-size-*.json); the H100's bf16 rate is the same",
+        "activation_bytes_per_sample": "measured there: peak above the weights during a call at batch 1 "
+        "(484 MB per sample at batch 2; cost.activation_estimate says 340 MB)",
         "search_rollouts": "measured here on tiny FLUX (kedro run --env tiny_flux, default search settings, "
         "32 calibration pairs, budget 10 of 28) with 7 prefix states per store, what the 1-GPU bound holds "
         "(8.4 with 256 states, 9.6 with no store; same mask in every case)",
@@ -181,6 +191,8 @@ FLUX_1_DEV = KnownModel(
 
 WAN21_T2V_1_3B = KnownModel(
     name="Wan2.1-T2V-1.3B 480x832, 81 frames, 50 steps",
+    adapter="wan",
+    guidance_scale=5.0,
     transformer=WAN21_T2V_1_3B_TRANSFORMER,
     scheduler=WAN21_SCHEDULER,
     height=480,
@@ -190,12 +202,16 @@ WAN21_T2V_1_3B = KnownModel(
     budget=20,
     contexts=2,
     latent_dtype="float32",
-    per_call_seconds=0.46,
+    per_call_seconds=0.613,
+    activation_bytes_per_sample=1_603_829_760,
     search_rollouts=21.6,
     resident_bytes=11_500_000_000,
     sources={
-        "per_call_seconds": "assumed, NOT measured here: FLUX.1-dev's assumed 0.2 s scaled by the ratio of "
-        "matmul FLOPs per call (about 2.3x: 2 x parameters x tokens plus 4 x layers x tokens^2 x hidden), see docs/cost.md",
+        "per_call_seconds": "measured on an H200 (2026-12-04, budcache bench real-size, random weights, bfloat16, "
+        "SDPA): a guided step (2 calls) 1226.9 ms at batch 1, 613.5 ms per call per sample at batch 2 "
+        "(docs/measurements/h200-real-size-unbounded.json)",
+        "activation_bytes_per_sample": "measured there: peak above the weights during a call at batch 1 "
+        "(cost.activation_estimate says 1.39 GB)",
         "search_rollouts": "measured here on tiny Wan (kedro run --env tiny_wan, default search settings, "
         "32 calibration pairs, budget 20 of 50, UniPC, guidance 5.0) with no prefix store, what fits on one "
         "80 GB GPU (18.9 with 256 states, 20.0 with 15; same mask in every case)",
@@ -218,8 +234,9 @@ def cost_table(gpus: tuple[int, ...] = (1, 8), calibration_prompts: int = 32) ->
             f"{model.name}: {shape.tokens} tokens (+{shape.text_tokens_stored} text stored), hidden {shape.hidden}, "
             f"{shape.parameters / 1e9:.2f}B parameters; residual {format_bytes(reuse.residual_bytes)} per sample and "
             f"context, {model.contexts} context(s); state per sample {format_bytes(reuse.state_bytes)} (reuse), "
-            f"{format_bytes(linear.state_bytes)} (linear); activations (estimate) "
-            f"{format_bytes(inputs.activation_bytes_per_sample)} per sample"
+            f"{format_bytes(linear.state_bytes)} (linear); activations "
+            f"{format_bytes(inputs.activation_bytes_per_sample)} per sample "
+            f"({'measured' if model.activation_bytes_per_sample else 'estimate'})"
         )
         for k in gpus:
             bound, p = plan(inputs, k)
