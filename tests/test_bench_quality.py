@@ -80,9 +80,12 @@ def test_reduced_bench_reports_every_figure(result, figures):
 @pytest.mark.slow
 def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(quality_bench, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
+    monkeypatch.setattr(
+        quality_bench, "bench_quality",
+        lambda forecast, out_dir, fid_samples: asked.append((forecast, fid_samples)) or result,
+    )
     code = main(["bench", "quality", "--json", str(tmp_path / "q.json"), "--csv", str(tmp_path / "q.csv")])
-    assert code == 0 and asked == ["linear"]
+    assert code == 0 and asked == [("linear", 2048)]
     assert json.loads((tmp_path / "q.json").read_text())["budgets"].keys() == {"4", "2"}
     table = pd.read_csv(tmp_path / "q.csv")
     assert len(table) == len(result["rows"]) and "latent_mse" in table.columns
@@ -92,8 +95,11 @@ def test_cli_writes_csv_and_json(result, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_cli_passes_the_forecast_and_refuses_unknown_ones(result, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(quality_bench, "bench_quality", lambda forecast, out_dir: asked.append(forecast) or result)
-    assert main(["bench", "quality", "--forecast", "reuse"]) == 0 and asked == ["reuse"]
+    monkeypatch.setattr(
+        quality_bench, "bench_quality",
+        lambda forecast, out_dir, fid_samples: asked.append((forecast, fid_samples)) or result,
+    )
+    assert main(["bench", "quality", "--forecast", "reuse", "--fid-samples", "0"]) == 0 and asked == [("reuse", 0)]
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--forecast", "cubic"])
     assert "invalid choice: 'cubic'" in capsys.readouterr().err
@@ -102,3 +108,8 @@ def test_cli_passes_the_forecast_and_refuses_unknown_ones(result, monkeypatch, c
 def test_bad_budgets_are_refused():
     with pytest.raises(ValueError, match="budgets must lie between 1 and steps - 1"):
         bench_quality(budgets=(28,), steps=28, adapter=object())
+
+
+def test_a_single_fid_sample_is_refused():
+    with pytest.raises(ValueError, match="fid_samples must be 0"):
+        bench_quality(budgets=(4,), steps=8, adapter=object(), fid_samples=1)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from budcache_pipeline.bench_fid import FID_BUDGETS
 from budcache_pipeline.models.adapter import Size
 
 QUALITY_BUDGETS = (14, 10, 7, 5, 4, 3)
@@ -51,6 +52,8 @@ def bench_quality(
     forecast: str = "linear",
     timing_images: int = 8,
     image_metrics: bool = True,
+    fid_samples: int = 0,
+    fid_budgets: Sequence[int] = FID_BUDGETS,
     out_dir: str | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -61,6 +64,8 @@ def bench_quality(
     bisection; the table compares all of them on the held-out pairs. `adapter` defaults
     to the shipped default model; image metrics come from its quality plug-in.
     `forecast` is the searched policies' forecast ("reuse" is the paper's plain reuse).
+    `fid_samples` > 0 adds the FID comparison of `bench_fid` at `fid_budgets` on that many more
+    held-out pairs (the default model's prompt sets; its judge embeds the images).
     """
     import pathlib
 
@@ -81,6 +86,8 @@ def bench_quality(
     budgets = sorted({int(b) for b in budgets}, reverse=True)
     if not budgets or not all(1 <= b < steps for b in budgets):
         raise ValueError(f"budgets must lie between 1 and steps - 1 = {steps - 1}, got {budgets}")
+    if fid_samples < 0 or fid_samples == 1:
+        raise ValueError(f"fid_samples must be 0 (no FID comparison) or at least 2, got {fid_samples}")
     model = "default model" if adapter is None else type(adapter.pipe).__name__
     baselines = list(baselines) if baselines is not None else [*METHODS, TEACACHE_PUBLISHED]
     if adapter is None:
@@ -186,6 +193,12 @@ def bench_quality(
     finals: dict[tuple[str, int], torch.Tensor] = {}
     table = evaluate_methods(holdout, methods, quality, timing_images=timing_images, collect=finals, progress=progress)
     timings["evaluation_seconds"] = time.perf_counter() - clock
+    fid = None
+    if fid_samples:
+        clock = time.perf_counter()
+        fid = _fid_comparison(adapter, table, methods, quality, calibration_size, fid_samples, fid_budgets,
+                              steps, Size(size, size), progress)
+        timings["fid_seconds"] = time.perf_counter() - clock
     if out is not None:
         _quality_figures(out, table, searches, finals, quality.decode, steps)
     timings["total_seconds"] = time.perf_counter() - started
@@ -205,9 +218,34 @@ def bench_quality(
         "align_iterations": align_iterations,
         "forecast": forecast,
     }
-    return _quality_summary(
-        table, searches, calibrations, unreachable, budgets, num_blocks, timings, settings, calibrator
+    per_sample = {key: (final.float() - holdout.reference.float()).pow(2).flatten(1).mean(1).numpy()
+                  for key, final in finals.items()}
+    summary = _quality_summary(
+        table, searches, calibrations, unreachable, budgets, num_blocks, timings, settings, calibrator, per_sample
     )
+    if fid is not None:
+        summary["fid"] = fid
+        summary["goals"]["fid_gap_ratio_met"] = all(r.get("gap_ratio_met", False) for r in fid["budgets"].values())
+    return summary
+
+
+def _fid_comparison(
+    adapter: Any, table: Any, methods: Sequence[Any], quality: Any, calibration_size: int, samples: int,
+    budgets: Sequence[int], steps: int, size: Size, progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """`bench_fid.fid_comparison` at `budgets`: the searched policy that won on held-out MSE and the
+    compute-matched heuristics (a blocks-matched variant is not the same budget)."""
+    from budcache_pipeline.bench_fid import fid_comparison
+
+    searched = {}
+    for budget in sorted({int(b) for b in budgets} & {m.budget for m in methods}, reverse=True):
+        rows = table[table["budget"] == budget].set_index("method")["latent_mse"]
+        aligned = "budcache_aligned" in rows and rows["budcache_aligned"] < rows["budcache"]
+        searched[budget] = "budcache_aligned" if aligned else "budcache"
+    chosen = [m for m in methods if m.budget in searched and (
+        m.name == searched[m.budget] or not (m.name.startswith("budcache") or "@" in m.name))]
+    pairs = default_prompt_sets(calibration_size, samples)[1]
+    return fid_comparison(adapter, pairs, chosen, quality, searched, steps, size, progress=progress)
 
 
 def _weights_sha256(module: torch.nn.Module) -> str:
@@ -254,11 +292,14 @@ def _quality_summary(
     timings: dict[str, float],
     settings: dict[str, Any],
     calibrator: Any,
+    per_sample: dict[tuple[str, int], Any],
 ) -> dict[str, Any]:
-    """The JSON of `budcache bench quality`: per-budget ratios, aggregates, goals, and the full table."""
+    """The JSON of `budcache bench quality`: per-budget ratios (with intervals over the held-out pairs),
+    aggregates, goals, and the full table."""
     import os
 
     from budcache_pipeline.evaluation import best_per_budget
+    from budcache_pipeline.evaluation.intervals import ratio_interval
 
     heuristics = [c.name for c in calibrations if c.match == "compute"]
     blocks_matched = [c.name for c in calibrations if c.match == "blocks" or c.name != "first_block_cache"]
@@ -290,6 +331,9 @@ def _quality_summary(
             best = best_per_budget(table[table["budget"] == budget], present).iloc[0]
             record.update(best_heuristic=best["method"], best_heuristic_mse=float(best["latent_mse"]),
                           ratio=mse["budcache"] / float(best["latent_mse"]))
+            pair = {"budcache": per_sample[("budcache", budget)], "best": per_sample[(best["method"], budget)]}
+            interval = ratio_interval(pair, "budcache", "best", seed=budget)
+            record.update(ratio_interval=[interval.low, interval.high], ratio_below_one=interval.high < 1)
         present_blocks = [h for h in blocks_matched if h in mse]
         if present_blocks:
             best = best_per_budget(table[table["budget"] == budget], present_blocks).iloc[0]
@@ -303,6 +347,10 @@ def _quality_summary(
                 record["alignment"].update(holdout_mse=aligned, lowers_holdout_mse=aligned < mse["budcache"])
                 if aligned < mse["budcache"] and "best_heuristic_mse" in record:
                     record["ratio_with_alignment"] = aligned / record["best_heuristic_mse"]
+                    pair = {"aligned": per_sample[("budcache_aligned", budget)],
+                            "best": per_sample[(record["best_heuristic"], budget)]}
+                    interval = ratio_interval(pair, "aligned", "best", seed=budget)
+                    record["ratio_with_alignment_interval"] = [interval.low, interval.high]
         per_budget[str(budget)] = record
     reuse = calls / naive if naive else None
     search_seconds = {str(b): per_budget[str(b)]["search_seconds"] for b in budgets}
@@ -348,16 +396,18 @@ def format_quality_table(result: dict[str, Any]) -> str:
     from budcache_pipeline.reporting import quality_table
 
     lines = [quality_table(pd.DataFrame(result["rows"])), ""]
-    lines.append(f"{'budget':>6} {'budcache':>10} {'best heuristic':>22} {'ratio':>6} {'blocks-matched':>22} "
-                 f"{'ratio':>6} {'search s':>8}")
+    lines.append(f"{'budget':>6} {'budcache':>10} {'best heuristic':>22} {'ratio':>6} {'95% interval':>14} "
+                 f"{'blocks-matched':>22} {'ratio':>6} {'search s':>8}")
     for budget, r in result["budgets"].items():
         best = f"{r.get('best_heuristic', '-')} {r.get('best_heuristic_mse', float('nan')):.2e}"
         blocks = (
             f"{r.get('best_heuristic_matched_blocks', '-')} "
             f"{r.get('best_heuristic_matched_blocks_mse', float('nan')):.2e}"
         )
+        low, high = r.get("ratio_interval", [float("nan")] * 2)
         lines.append(f"{budget:>6} {r['budcache_mse']:>10.2e} {best:>22} {r.get('ratio', float('nan')):>6.2f} "
-                     f"{blocks:>22} {r.get('ratio_matched_blocks', float('nan')):>6.2f} {r['search_seconds']:>8.1f}")
+                     f"{f'[{low:.2f}, {high:.2f}]':>14} {blocks:>22} {r.get('ratio_matched_blocks', float('nan')):>6.2f} "
+                     f"{r['search_seconds']:>8.1f}")
     goals = result["goals"]
     reuse = result["reuse_over_naive"]
     lines.append(
@@ -365,4 +415,9 @@ def format_quality_table(result: dict[str, Any]) -> str:
         f"reuse/naive {reuse if reuse is None else f'{reuse:.3f}'} (goal <= {goals['reuse_over_naive_max']}), "
         f"ratio goal <= {goals['ratio_max']}: {'met' if goals['ratio_met'] else 'missed'}"
     )
+    lines.append("ratio intervals: 95% paired bootstrap over the held-out pairs (an upper end below 1: beyond the noise)")
+    if "fid" in result:
+        from budcache_pipeline.bench_fid import format_fid
+
+        lines.extend(format_fid(result["fid"]))
     return "\n".join(lines)
