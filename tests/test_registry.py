@@ -1,6 +1,7 @@
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,6 +58,20 @@ def register(uri, losses, model="digits", fingerprint=FINGERPRINT):
 
 def client(uri):
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_registering_leaves_the_process_mlflow_settings_as_they_were(uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    register(uri, {5: 0.2}, model="settings-check")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before
+    elsewhere = "sqlite:////nonexistent/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    register(uri, {5: 0.1}, model="settings-check")
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and mlflow.get_tracking_uri() == elsewhere
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
 
 
 def sha256_tree(directory: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from budcache_pipeline.bench_fid import FID_BUDGETS
+from budcache_pipeline.bench_fid import FID_BUDGETS, bench_fid_comparison
 from budcache_pipeline.models.adapter import Size
 
 QUALITY_BUDGETS = (14, 10, 7, 5, 4, 3)
@@ -196,8 +196,9 @@ def bench_quality(
     fid = None
     if fid_samples:
         clock = time.perf_counter()
-        fid = _fid_comparison(adapter, table, methods, quality, calibration_size, fid_samples, fid_budgets,
-                              steps, Size(size, size), progress)
+        pairs = default_prompt_sets(calibration_size, fid_samples)[1]
+        fid = bench_fid_comparison(adapter, table, methods, quality, pairs, fid_budgets, steps, Size(size, size),
+                                   progress)
         timings["fid_seconds"] = time.perf_counter() - clock
     if out is not None:
         _quality_figures(out, table, searches, finals, quality.decode, steps)
@@ -225,27 +226,8 @@ def bench_quality(
     )
     if fid is not None:
         summary["fid"] = fid
-        summary["goals"]["fid_gap_ratio_met"] = all(r.get("gap_ratio_met", False) for r in fid["budgets"].values())
+        summary["goals"]["fid_shift_ratio_met"] = all(r.get("shift_ratio_met", False) for r in fid["budgets"].values())
     return summary
-
-
-def _fid_comparison(
-    adapter: Any, table: Any, methods: Sequence[Any], quality: Any, calibration_size: int, samples: int,
-    budgets: Sequence[int], steps: int, size: Size, progress: Callable[[str], None],
-) -> dict[str, Any]:
-    """`bench_fid.fid_comparison` at `budgets`: the searched policy that won on held-out MSE and the
-    compute-matched heuristics (a blocks-matched variant is not the same budget)."""
-    from budcache_pipeline.bench_fid import fid_comparison
-
-    searched = {}
-    for budget in sorted({int(b) for b in budgets} & {m.budget for m in methods}, reverse=True):
-        rows = table[table["budget"] == budget].set_index("method")["latent_mse"]
-        aligned = "budcache_aligned" in rows and rows["budcache_aligned"] < rows["budcache"]
-        searched[budget] = "budcache_aligned" if aligned else "budcache"
-    chosen = [m for m in methods if m.budget in searched and (
-        m.name == searched[m.budget] or not (m.name.startswith("budcache") or "@" in m.name))]
-    pairs = default_prompt_sets(calibration_size, samples)[1]
-    return fid_comparison(adapter, pairs, chosen, quality, searched, steps, size, progress=progress)
 
 
 def _weights_sha256(module: torch.nn.Module) -> str:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from budcache_pipeline.atomic import write_text_atomic
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _write_json(data: dict, path: str | None) -> None:

@@ -10,7 +10,7 @@ from budcache_pipeline.evaluation.intervals import (
     Interval,
     fid_intervals,
     frechet_from_features,
-    gap_ratio_interval,
+    draw_ratio_interval,
     mean_intervals,
     ratio_interval,
 )
@@ -42,13 +42,14 @@ def test_fid_gaps_tell_a_shifted_method_from_a_copy() -> None:
     base = torch.randn(1000, 8, generator=g, dtype=torch.float64)
     features = {"uncached": base, "close": base + 0.01 * torch.randn(1000, 8, generator=g, dtype=torch.float64),
                 "shifted": base + 0.5}
-    fid, gaps, draws = fid_intervals(features, real, "uncached", resamples=100)
-    assert fid["uncached"].value == pytest.approx(frechet_from_features(base, real))
-    assert all(i.low <= i.value <= i.high for i in fid.values())
-    assert gaps["shifted"].low > 1.0 and gaps["close"].high < gaps["shifted"].low
-    assert gaps["close"].disjoint(gaps["shifted"])
-    ratio = gap_ratio_interval(gaps, draws, "close", "shifted")
-    assert ratio.high < 0.5
+    found = fid_intervals(features, real, "uncached", resamples=100)
+    assert found.fid["uncached"].value == pytest.approx(frechet_from_features(base, real))
+    assert all(i.low <= i.value <= i.high for i in [*found.fid.values(), *found.gap.values(), *found.shift.values()])
+    assert found.gap["shifted"].low > 1.0 and found.gap["close"].high < found.gap["shifted"].low
+    assert found.shift["shifted"].value == pytest.approx(8 * 0.5**2, rel=0.05), "a mean shift of 0.5 in 8 features"
+    assert found.shift["close"].high < 0.05 and found.shift["close"].disjoint(found.shift["shifted"])
+    assert draw_ratio_interval(found.gap, found.gap_draws, "close", "shifted").high < 0.5
+    assert draw_ratio_interval(found.shift, found.shift_draws, "close", "shifted").high < 0.01
 
 
 @pytest.mark.parametrize(

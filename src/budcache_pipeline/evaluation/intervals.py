@@ -107,17 +107,30 @@ def frechet_from_features(generated: torch.Tensor, real: torch.Tensor) -> float:
     return float(metric.compute())
 
 
+@dataclass(frozen=True)
+class FidComparison:
+    """Per method: FID to real data, its gap to the reference method's FID, and its `shift`, the FID
+    between its samples and the reference method's own samples (how far caching moved the
+    distribution, without the noise of a small real set); `*_draws` feed ratio intervals."""
+
+    fid: dict[str, Interval]
+    gap: dict[str, Interval]
+    shift: dict[str, Interval]
+    gap_draws: dict[str, np.ndarray]
+    shift_draws: dict[str, np.ndarray]
+
+
 def fid_intervals(
     features: Mapping[str, torch.Tensor],
     real: torch.Tensor,
     reference: str,
     resamples: int = RESAMPLES,
     seed: int = 0,
-) -> tuple[dict[str, Interval], dict[str, Interval], dict[str, np.ndarray]]:
-    """FID of each method's features to the real ones, its gap to `reference`'s FID, and the gap draws.
+) -> FidComparison:
+    """Every figure of `FidComparison` with its interval.
 
-    Rows of every method are paired (same prompt and seed); one draw resamples them jointly and the
-    real set on its own. The gap draws let a caller form intervals of ratios between methods.
+    Rows of every method are paired (same prompt and seed); one draw resamples them jointly (the
+    reference's rows too, for the shift) and the real set on its own.
     """
     count = _check(features)
     if reference not in features:
@@ -126,21 +139,30 @@ def fid_intervals(
         raise ValueError("FID needs at least two real samples")
     rng = np.random.default_rng(seed)
     names = list(features)
+    others = [n for n in names if n != reference]
     points = {n: frechet_from_features(features[n], real) for n in names}
+    shift_points = {n: frechet_from_features(features[n], features[reference]) for n in others}
     draws = {n: np.empty(resamples) for n in names}
+    shift_draws = {n: np.empty(resamples) for n in others}
     for r in range(resamples):
         rows = torch.from_numpy(rng.integers(0, count, size=count))
         real_rows = torch.from_numpy(rng.integers(0, len(real), size=len(real)))
         for n in names:
             draws[n][r] = frechet_from_features(features[n][rows], real[real_rows])
-    fid = {n: centred_interval(points[n], draws[n]) for n in names}
-    gap_draws = {n: draws[n] - draws[reference] for n in names if n != reference}
-    gaps = {n: centred_interval(points[n] - points[reference], gap_draws[n]) for n in gap_draws}
-    return fid, gaps, gap_draws
+        for n in others:
+            shift_draws[n][r] = frechet_from_features(features[n][rows], features[reference][rows])
+    gap_draws = {n: draws[n] - draws[reference] for n in others}
+    return FidComparison(
+        fid={n: centred_interval(points[n], draws[n]) for n in names},
+        gap={n: centred_interval(points[n] - points[reference], gap_draws[n]) for n in others},
+        shift={n: centred_interval(shift_points[n], shift_draws[n]) for n in others},
+        gap_draws=gap_draws,
+        shift_draws=shift_draws,
+    )
 
 
-def gap_ratio_interval(
-    gaps: Mapping[str, Interval], gap_draws: Mapping[str, np.ndarray], numerator: str, denominator: str
+def draw_ratio_interval(
+    points: Mapping[str, Interval], draws: Mapping[str, np.ndarray], numerator: str, denominator: str
 ) -> Interval:
-    """Interval of one method's FID gap over another's, from the same paired draws."""
-    return centred_interval(gaps[numerator].value / gaps[denominator].value, gap_draws[numerator] / gap_draws[denominator])
+    """Interval of one method's figure over another's, from the same paired draws."""
+    return centred_interval(points[numerator].value / points[denominator].value, draws[numerator] / draws[denominator])

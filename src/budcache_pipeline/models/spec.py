@@ -136,11 +136,15 @@ def from_pretrained(pipeline_class: type, spec: ModelSpec) -> Any:
             f"{pipeline_class.__name__}: set model.adapter to the adapter of that pipeline"
         )
     try:
-        pipe = pipeline_class.from_pretrained(spec.weights, torch_dtype=dtype, **_absent_components(spec.weights))
+        pipe = pipeline_class.from_pretrained(
+            spec.weights, torch_dtype=dtype, local_files_only=True, **_absent_components(spec.weights)
+        )
     except (OSError, ValueError, TypeError) as exc:
         raise ModelSpecError(
             f"could not load {pipeline_class.__name__} from {spec.weights!r} ({type(exc).__name__}: {exc}): "
-            f"give the folder or hub id of a {pipeline_class.__name__} checkpoint (model.adapter {spec.adapter!r})"
+            f"give the folder or hub id of a {pipeline_class.__name__} checkpoint (model.adapter {spec.adapter!r}); "
+            "a hub id is read from your Hugging Face cache only, nothing is downloaded: fetch it once with "
+            f"`huggingface-cli download {spec.weights}`"
         ) from exc
     return place(pipe, spec)
 

@@ -12,7 +12,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,6 +34,7 @@ LOCK_BACKOFF_SECONDS = 0.5
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _INITIALISED: set[str] = set()
+_TRACKING_ENV, _REGISTRY_ENV = "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"
 
 
 class RegistryError(ValueError):
@@ -69,10 +71,8 @@ def store_uris(tracking_uri: str | None) -> tuple[str, str]:
 
 
 def open_client(tracking_uri: str | None) -> MlflowClient:
-    """Point MLflow's fluent API and a client at the same tracking and registry store."""
+    """A client of the tracking and registry store; MLflow's process-wide URIs are left as they are."""
     uri, registry_uri = store_uris(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(registry_uri)
     databases = {str(d) for d in (sqlite_database(uri), sqlite_database(registry_uri)) if d is not None}
     if databases <= _INITIALISED or os.name == "nt":
         return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
@@ -81,6 +81,32 @@ def open_client(tracking_uri: str | None) -> MlflowClient:
         client.search_registered_models(max_results=1)
     _INITIALISED.update(databases)
     return client
+
+
+@contextmanager
+def fluent_store(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API on the store `open_client(tracking_uri)` opens, for one block, then the
+    process's URIs as they were.
+
+    `mlflow.pyfunc.log_model` and `mlflow.register_model` have no client form, and they read the
+    process-wide URIs, which MLflow also exports as `MLFLOW_TRACKING_URI` / `MLFLOW_REGISTRY_URI`;
+    restoring both (None: unset again) keeps a caller's own MLflow set-up, and a later call for
+    another store, unaffected.
+    """
+    uri, registry_uri = store_uris(tracking_uri)
+    saved = {name: os.environ.get(name) for name in (_TRACKING_ENV, _REGISTRY_ENV)}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(registry_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[_TRACKING_ENV])
+        mlflow.set_registry_uri(saved[_REGISTRY_ENV])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _init_lock_path(databases: set[str]) -> str:
@@ -146,7 +172,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    database = sqlite_database(mlflow.get_tracking_uri())
+    database = sqlite_database(client.tracking_uri)
     location = (database.parent / "mlartifacts" / name).as_uri() if database is not None else None
     try:
         return client.create_experiment(name, artifact_location=location)

@@ -33,6 +33,7 @@ from budcache_pipeline.registry.store import (
     already_exists,
     experiment_id,
     find_project_root,
+    fluent_store,
     not_found,
     open_client,
     registered_model_name,
@@ -156,7 +157,7 @@ def register_ladder(
     with tempfile.TemporaryDirectory() as staging:
         ladder_dir = Path(staging) / LADDER_ARTIFACT
         write_ladder(policies, ladder_dir)
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        with fluent_store(tracking_uri), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
                 python_model=str(_MODEL_CODE),
@@ -177,7 +178,8 @@ def register_ladder(
         **{f"holdout_mse.budget_{b}": repr(holdout_loss(p.to_dict())) for b, p in sorted(policies.items())},
         **digest_tags,
     }
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    with fluent_store(tracking_uri):
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
     retry_locked(
         lambda: client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version),
         f"setting {name}@{CANDIDATE_ALIAS} to version {version.version}",
