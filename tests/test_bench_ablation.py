@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,21 @@ def test_the_kedro_default_is_read_from_the_projects_conf_base(tmp_path):
     options, forecast = kedro_search_options(ROOT)
     assert options["starts"] == ["dp"] and options["sa_iterations"] > 0 and forecast == "linear"
     assert "checkpoint_dir" not in options and "processes" not in options
-    with pytest.raises(FileNotFoundError, match="parameters_search.yml not found"):
+    with pytest.raises(FileNotFoundError, match="base not found"):
         kedro_search_options(tmp_path)
+
+
+def test_an_environment_overrides_the_kedro_default(tmp_path):
+    shutil.copytree(ROOT / "conf" / "base", tmp_path / "conf" / "base")
+    (tmp_path / "conf" / "local").mkdir()
+    (tmp_path / "conf" / "fast").mkdir()
+    (tmp_path / "conf" / "fast" / "parameters.yml").write_text("search:\n  sa_iterations: 7\n  forecast: reuse\n")
+    base, _ = kedro_search_options(tmp_path)
+    options, forecast = kedro_search_options(tmp_path, "fast")
+    assert options["sa_iterations"] == 7 and forecast == "reuse"
+    assert {k: v for k, v in options.items() if k != "sa_iterations"} == {
+        k: v for k, v in base.items() if k != "sa_iterations"
+    }, "the environment overrides only what it names"
 
 
 def test_bad_budgets_are_refused_with_a_message(capsys):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from budcache_pipeline.models.adapter import Size
 
@@ -34,12 +33,21 @@ COLUMNS = ["budget", "variant", "calibration_mse", "holdout_mse", "holdout_vs_ke
            "search_seconds", "mask"]
 
 
-def kedro_search_options(project_root: Path) -> tuple[dict[str, Any], str]:
-    """The project's default search settings (conf/base) and its forecast, so the ablation measures what runs."""
-    path = project_root / "conf" / "base" / "parameters_search.yml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the ablation from the Kedro project (its conf/base)")
-    search = yaml.safe_load(path.read_text())["search"]
+def kedro_search_options(project_root: Path, env: str | None = None) -> tuple[dict[str, Any], str]:
+    """The search settings `kedro run --env ENV` uses (conf/base with the environment's overrides, read by
+    the project's own config loader) and its forecast, so the ablation measures what runs."""
+    from kedro.config import MissingConfigException, OmegaConfigLoader
+
+    from budcache_pipeline.settings import CONFIG_LOADER_ARGS
+
+    conf = project_root / "conf"
+    if not (conf / "base").is_dir():
+        raise FileNotFoundError(f"{conf / 'base'} not found: run the ablation from the Kedro project")
+    loader = OmegaConfigLoader(conf_source=str(conf), env=env, **CONFIG_LOADER_ARGS)
+    try:
+        search = loader["parameters"]["search"]
+    except (MissingConfigException, KeyError) as exc:
+        raise FileNotFoundError(f"no `search` parameters under {conf}: is this the budcache Kedro project?") from exc
     return {k: search[k] for k in _SEARCH_KEYS if k in search}, search.get("forecast", "linear")
 
 

@@ -73,7 +73,7 @@ def _bench_ablation(args: argparse.Namespace) -> int:
     )
     from budcache_pipeline.registry import find_project_root
 
-    options, forecast = kedro_search_options(find_project_root())
+    options, forecast = kedro_search_options(find_project_root(), args.env)
     budgets = args.budgets or ABLATION_BUDGETS
     table = bench_ablation(budgets, calibration_size=args.calibration, kedro_options=options, forecast=forecast)
     print(format_ablation(table))
@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated compute budgets of 28 steps (default 14,10,7,5,4,3)")
     ablation.add_argument("--calibration", type=_positive_int, default=16,
                           help="calibration pairs (default 16, the Kedro default)")
+    ablation.add_argument("--env", help="the Kedro environment whose search settings are the default (default local)")
     ablation.add_argument("--csv", help="also write the table as CSV here")
     ablation.set_defaults(handler=_bench_ablation)
     gpu = benches.add_parser(
