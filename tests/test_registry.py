@@ -177,8 +177,9 @@ def test_registered_model_is_code_and_json_without_pickle(uri, baseline, tmp_pat
     assert "model_code_path" in (Path(urlparse(source).path) / "MLmodel").read_text()
 
 
-def test_pyfunc_predict_serves_the_best_policy_that_fits(uri, baseline):
+def test_pyfunc_predict_serves_the_best_policy_that_fits(uri, baseline, monkeypatch):
     registered, _ = baseline
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # a serving process names its store; registering left none set
     model = mlflow.pyfunc.load_model(f"models:/{registered.name}/{registered.version}")
     assert json.loads(model.predict(12))["budget"] == 10
     assert json.loads(model.predict(14))["budget"] == 14

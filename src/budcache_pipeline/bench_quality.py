@@ -201,7 +201,11 @@ def bench_quality(
                                    progress)
         timings["fid_seconds"] = time.perf_counter() - clock
     if out is not None:
-        _quality_figures(out, table, searches, finals, quality.decode, steps)
+        from budcache_pipeline.reporting import plot_quality_bench
+
+        masks = {b: e["multi"]["result"].mask for b, e in searches.items()}
+        histories = {b: e["multi"]["result"].history for b, e in searches.items()}
+        plot_quality_bench(out, table, masks, histories, finals, quality.decode, steps)
     timings["total_seconds"] = time.perf_counter() - started
     settings = {
         "model": model,
@@ -239,29 +243,6 @@ def _weights_sha256(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _quality_figures(
-    out: Any,
-    table: Any,
-    searches: dict[int, dict[str, Any]],
-    finals: dict[tuple[str, int], torch.Tensor],
-    decode: Callable[[torch.Tensor], torch.Tensor] | None,
-    steps: int,
-) -> None:
-    """Pareto plot, mask map, convergence per budget and, when images decode, sample grids per budget."""
-    from budcache_pipeline.reporting import plot_convergence, plot_masks, plot_pareto, plot_sample_grid
-
-    plot_pareto(table, path=out / "pareto_latent_mse.png")
-    plot_pareto(table, cost="block_evaluations_mean", path=out / "pareto_block_evaluations.png")
-    plot_masks({f"B={b}": e["multi"]["result"].mask for b, e in searches.items()}, path=out / "masks.png")
-    for budget, entry in searches.items():
-        plot_convergence(entry["multi"]["result"].history, path=out / f"convergence_B{budget}.png")
-        if decode is not None:
-            rows = table[table["budget"] == budget].sort_values("latent_mse")
-            shown = {"uncached": decode(finals[("uncached", steps)])}
-            shown.update({m: decode(finals[(m, budget)]) for m in rows["method"].head(4)})
-            plot_sample_grid(shown, path=out / f"samples_B{budget}.png")
 
 
 def _quality_summary(

@@ -7,7 +7,7 @@ nodes and the CLI share them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -179,3 +179,26 @@ def quality_table(table: pd.DataFrame, columns: Sequence[str] = TABLE_COLUMNS) -
         "block_evaluations_mean": "{:.1f}".format,
     }
     return ordered[shown].to_string(index=False, formatters={k: v for k, v in formatters.items() if k in shown})
+
+
+def plot_quality_bench(
+    out: Path,
+    table: pd.DataFrame,
+    masks: dict[int, Sequence[bool]],
+    histories: dict[int, pd.DataFrame],
+    finals: dict[tuple[str, int], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+    steps: int,
+) -> None:
+    """The quality bench's figures in `out`: Pareto plots, the mask map, convergence per budget and, when
+    latents decode, a sample grid per budget (the uncached images beside the four lowest-error methods)."""
+    plot_pareto(table, path=out / "pareto_latent_mse.png")
+    plot_pareto(table, cost="block_evaluations_mean", path=out / "pareto_block_evaluations.png")
+    plot_masks({f"B={b}": mask for b, mask in masks.items()}, path=out / "masks.png")
+    for budget, history in histories.items():
+        plot_convergence(history, path=out / f"convergence_B{budget}.png")
+        if decode is not None:
+            rows = table[table["budget"] == budget].sort_values("latent_mse")
+            shown = {"uncached": decode(finals[("uncached", steps)])}
+            shown.update({m: decode(finals[(m, budget)]) for m in rows["method"].head(4)})
+            plot_sample_grid(shown, path=out / f"samples_B{budget}.png")

@@ -214,7 +214,9 @@ def _model_digests(client: MlflowClient, model_id: str, ladder_dir: Path, direct
     environment, model code) are known only as the store holds them.
     """
     location = client.get_logged_model(model_id).artifact_location
-    stored = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(directory)))
+    stored = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=location, dst_path=str(directory), tracking_uri=client.tracking_uri
+    ))
     digests = {path: d for path, d in file_digests(stored).items() if not path.startswith(f"{LADDER_PATH}/")}
     digests.update({f"{LADDER_PATH}/{path}": d for path, d in file_digests(ladder_dir).items()})
     return digests

@@ -131,7 +131,9 @@ def download_ladder(
         )
     source = client.get_model_version_download_uri(model_version.name, model_version.version)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(directory)))
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(directory), tracking_uri=client.tracking_uri
+        ))
     except MlflowException as exc:
         raise RegistryError(
             f"{label}: its files could not be downloaded from the artifact store ({' '.join(str(exc).split())})"
