@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402
 
 from budcache_pipeline import registry  # noqa: E402
 from budcache_pipeline.console import main  # noqa: E402
@@ -69,9 +70,20 @@ def test_registering_leaves_the_process_mlflow_settings_as_they_were(uri, monkey
     assert mlflow.get_tracking_uri() == before
     elsewhere = "sqlite:////nonexistent/elsewhere.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
-    register(uri, {5: 0.1}, model="settings-check")
-    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and mlflow.get_tracking_uri() == elsewhere
+    before = mlflow.get_tracking_uri()
+    registry.register_ladder(ladder({5: 0.1}, "settings-check"), code_version="0.1.0", data_hash="md5:feed",
+                             tracking_uri=uri)
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and mlflow.get_tracking_uri() == before
     assert "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_registering_keeps_a_process_wide_uri_that_was_set(uri, monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    own = f"sqlite:///{tmp_path / 'own.db'}"
+    with _use_tracking_uri(own):  # MLflow's own scoped form of `mlflow.set_tracking_uri(own)`
+        register(uri, {5: 0.3}, model="settings-check")
+        assert mlflow.get_tracking_uri() == own and os.environ.get("MLFLOW_TRACKING_URI") == own
 
 
 def sha256_tree(directory: Path) -> dict[str, str]:
@@ -177,10 +189,10 @@ def test_registered_model_is_code_and_json_without_pickle(uri, baseline, tmp_pat
     assert "model_code_path" in (Path(urlparse(source).path) / "MLmodel").read_text()
 
 
-def test_pyfunc_predict_serves_the_best_policy_that_fits(uri, baseline, monkeypatch):
+def test_pyfunc_predict_serves_the_best_policy_that_fits(uri, baseline):
     registered, _ = baseline
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # a serving process names its store; registering left none set
-    model = mlflow.pyfunc.load_model(f"models:/{registered.name}/{registered.version}")
+    with _use_tracking_uri(uri):  # a serving process names its store: registering left MLflow's own unset
+        model = mlflow.pyfunc.load_model(f"models:/{registered.name}/{registered.version}")
     assert json.loads(model.predict(12))["budget"] == 10
     assert json.loads(model.predict(14))["budget"] == 14
     assert [json.loads(t)["budget"] for t in model.predict(pd.DataFrame({"budget": [5, 9, 20]}))] == [5, 5, 14]

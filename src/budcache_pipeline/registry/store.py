@@ -21,6 +21,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.utils.file_utils import ExclusiveFileLock
 from sqlalchemy.exc import OperationalError
 
@@ -89,20 +91,22 @@ def fluent_store(tracking_uri: str | None) -> Iterator[None]:
     process's URIs as they were.
 
     `mlflow.pyfunc.log_model` and `mlflow.register_model` have no client form, and they read the
-    process-wide URIs, which MLflow also exports as `MLFLOW_TRACKING_URI` / `MLFLOW_REGISTRY_URI`;
-    restoring both (None: unset again) keeps a caller's own MLflow set-up, and a later call for
-    another store, unaffected.
+    process-wide URIs, which `set_tracking_uri` / `set_registry_uri` also export as environment
+    variables. MLflow has no public way to tell "never set" from "set to the default", so the
+    module globals are saved as MLflow's own `_use_tracking_uri` saves them, and the variables
+    are put back exactly as they were.
     """
     uri, registry_uri = store_uris(tracking_uri)
-    saved = {name: os.environ.get(name) for name in (_TRACKING_ENV, _REGISTRY_ENV)}
+    saved_env = {name: os.environ.get(name) for name in (_TRACKING_ENV, _REGISTRY_ENV)}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved[_TRACKING_ENV])
-        mlflow.set_registry_uri(saved[_REGISTRY_ENV])
-        for name, value in saved.items():
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
