@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from budcache_pipeline.caching.budcache import BudCacheRuntime, ContextSnapshot
+from budcache_pipeline.caching.runtime import BudCacheRuntime, ContextSnapshot
 from budcache_pipeline.solvers import EulerSolver, Solver, SolverState, euler_step
 
 
