@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from budcache_pipeline import deploy
 from budcache_pipeline.caching import disable_budcache, enable_budcache, get_runtime
 from budcache_pipeline.deploy import DeploymentError, check_policy, deploy_and_generate, generate, main
 from budcache_pipeline.models.adapter import Size
@@ -127,6 +128,20 @@ def test_module_entry_point_prints_the_image_path(production, tmp_path, capsys, 
     config.write_text(json.dumps({"model": MODEL}))
     assert main([name, "5", "a handwritten five", str(tmp_path), "--model-config", str(config)]) == 0
     assert capsys.readouterr().out.strip().endswith("_budget5_seed0.png")
+
+
+def test_allow_unverified_reaches_the_verified_download(production, tmp_path, monkeypatch):
+    name, uri = production
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    seen = []
+    real_pull = deploy.pull
+    monkeypatch.setattr(deploy, "pull", lambda *a, **k: seen.append(k["allow_unverified"]) or real_pull(*a, **k))
+    config = tmp_path / "model.yml"
+    config.write_text(json.dumps({"model": MODEL}))
+    for extra in ([], ["--allow-unverified"]):
+        out = str(tmp_path / f"out{len(extra)}")
+        assert main([name, "5", "a handwritten five", out, "--model-config", str(config), *extra]) == 0
+    assert seen == [False, True]
 
 
 def test_a_policy_searched_on_other_weights_is_refused_unless_allowed(caplog):

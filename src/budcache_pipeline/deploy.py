@@ -90,9 +90,11 @@ def plan_deployment(
     alias: str = PRODUCTION_ALIAS,
     tracking_uri: str | None = None,
     allow_other_weights: bool = False,
+    allow_unverified: bool = False,
 ) -> DeploymentPlan:
     """Pull the ladder behind `models:/<model_name>@<alias>` into `out_dir/policies`, pick the best
-    policy for `budget` and check it against the adapter's model."""
+    policy for `budget` and check it against the adapter's model (`allow_unverified`: accept a version
+    registered without file digests, with a warning, as `budcache pull --allow-unverified` does)."""
     policy_dir = Path(out_dir) / POLICIES_DIR
     pull(
         model_name,
@@ -101,6 +103,7 @@ def plan_deployment(
         expect_fingerprint=model_fingerprint(adapter.transformer),
         expect_steps=steps,
         tracking_uri=tracking_uri,
+        allow_unverified=allow_unverified,
     )
     policy = pick_policy(load_ladder(policy_dir), budget)
     return check_policy(adapter, policy, steps, size, allow_other_weights)
@@ -171,6 +174,7 @@ def deploy_and_generate(
     model: dict[str, Any] | None = None,
     seed: int = 0,
     allow_other_weights: bool = False,
+    allow_unverified: bool = False,
 ) -> Path:
     """The whole deployment job: load the model, pull, pick, check, enable, generate. Returns the image's path.
 
@@ -183,7 +187,7 @@ def deploy_and_generate(
     out_dir = Path(out_dir)
     plan = plan_deployment(
         model_name, budget, adapter, out_dir, steps, size, alias=alias, tracking_uri=tracking_uri,
-        allow_other_weights=allow_other_weights,
+        allow_other_weights=allow_other_weights, allow_unverified=allow_unverified,
     )
     images = generate(adapter, plan, [prompt], seed)
     return save_image(images, out_dir / f"{_slug(prompt)}_budget{plan.policy.budget}_seed{seed}.png")
@@ -202,12 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow-other-weights", action="store_true",
                         help="serve a policy searched on other weights of the same architecture (logged)")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="accept a version registered without file digests in the registry database (logged)")
     args = parser.parse_args(argv)
     try:
         model = read_model_block(args.model_config) if args.model_config else None
         path = deploy_and_generate(
             args.model_name, args.budget, args.prompt, args.out_dir, args.alias, model=model, seed=args.seed,
-            allow_other_weights=args.allow_other_weights,
+            allow_other_weights=args.allow_other_weights, allow_unverified=args.allow_unverified,
         )
     except (RegistryError, DeploymentError, ModelSpecError) as exc:
         parser.exit(1, f"refused: {exc}\n")
