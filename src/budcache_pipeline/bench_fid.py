@@ -21,7 +21,6 @@ import torch
 from budcache_pipeline.evaluation.intervals import RESAMPLES, draw_ratio_interval, fid_intervals
 
 FID_BUDGETS = (7, 5, 4)
-FID_SAMPLES = 2048
 FID_GAP_RATIO_GOAL = 0.5
 """Issue 18's goal for the searched policy's FID shift over the best heuristic's, at budgets 7, 5, 4."""
 FID_BATCH = 512

@@ -80,6 +80,7 @@ def bench_quality(
         teacache_mask,
     )
     from budcache_pipeline.search import MaskObjective, align_schedule, compute_reference, search_policy
+    from budcache_pipeline.metrics import latent_mse
     from budcache_pipeline.search.objective import mask_key
 
     started = time.perf_counter()
@@ -223,8 +224,7 @@ def bench_quality(
         "align_iterations": align_iterations,
         "forecast": forecast,
     }
-    per_sample = {key: (final.float() - holdout.reference.float()).pow(2).flatten(1).mean(1).numpy()
-                  for key, final in finals.items()}
+    per_sample = {key: latent_mse(final, holdout.reference, per_sample=True).numpy() for key, final in finals.items()}
     summary = _quality_summary(
         table, searches, calibrations, unreachable, budgets, num_blocks, timings, settings, calibrator, per_sample
     )
