@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from budcache_pipeline.bench_fid import fid_comparison, format_fid
-from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.baselines import FixedPolicy, TaylorSeer, TeaCache
 from budcache_pipeline.evaluation import EvalMethod, QualityMetrics
 from budcache_pipeline.search.starts import uniform_start
 from tests.conftest import tiny_flux_pipeline
@@ -45,9 +45,9 @@ def _quality(adapter) -> QualityMetrics:
 def test_every_method_gets_a_gap_with_an_interval(adapter) -> None:
     pairs = [(f"a prompt {k}", k % 10, 500 + k) for k in range(24)]
     methods = [
-        EvalMethod("budcache", BUDGET, CacheMethod.fixed(uniform_start(STEPS, BUDGET, (0,)))),
-        EvalMethod("taylorseer", BUDGET, CacheMethod.taylorseer(2, 1)),
-        EvalMethod("teacache", BUDGET, CacheMethod.teacache(0.3)),
+        EvalMethod("budcache", BUDGET, FixedPolicy(uniform_start(STEPS, BUDGET, (0,)))),
+        EvalMethod("taylorseer", BUDGET, TaylorSeer(2, 1)),
+        EvalMethod("teacache", BUDGET, TeaCache(0.3)),
     ]
     result = fid_comparison(adapter, pairs, methods, _quality(adapter), {BUDGET: "budcache"}, STEPS, square(SIZE),
                             resamples=30, progress=lambda _: None)

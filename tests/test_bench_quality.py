@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 import budcache_pipeline.bench_quality as quality_bench
-from budcache_pipeline.bench_quality import bench_quality, format_quality_table
+from budcache_pipeline.bench_quality import bench_quality
+from budcache_pipeline.bench_quality_report import format_quality_table
 from budcache_pipeline.models.digits.prompt_sets import benchmark_prompt_sets as quality_prompt_sets
 from budcache_pipeline.console import main
 from tests.conftest import tiny_flux_pipeline
@@ -41,7 +42,7 @@ def result(figures) -> dict:
         holdout_size=3,
         adapter=flux_adapter(tiny_flux_pipeline()),
         size=64,
-        baselines=("uniform", "teacache", "first_block_cache"),
+        baselines=("uniform", "teacache", "first_block_cache", "first_block_cache@blocks"),
         search_options={"starts": ("uniform",), "sa_iterations": 6, "hc_rounds": 1},
         align_iterations=2,
         timing_images=1,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.baselines import FirstBlockCache, FixedPolicy, TeaCache, Uncached
 from budcache_pipeline.evaluation import (
     COLUMNS,
     EvalMethod,
@@ -48,9 +48,9 @@ def test_table_has_a_row_per_method_and_budget(holdout):
         labels=[1, 2, 3, 4],
     )
     methods = [
-        EvalMethod("uniform", 4, CacheMethod.uniform(STEPS, 4)),
-        EvalMethod("first_block_cache", 4, CacheMethod.first_block_cache(0.3), {"calibration_loss": 1e-3}),
-        EvalMethod("teacache", 6, CacheMethod.teacache(0.4)),
+        EvalMethod("uniform", 4, FixedPolicy.uniform(STEPS, 4)),
+        EvalMethod("first_block_cache", 4, FirstBlockCache(0.3), {"calibration_loss": 1e-3}),
+        EvalMethod("teacache", 6, TeaCache(0.4)),
     ]
     collected: dict = {}
     table = evaluate_methods(holdout, methods, quality, timing_images=2, collect=collected)
@@ -72,18 +72,18 @@ def test_table_has_a_row_per_method_and_budget(holdout):
 
 
 def test_without_decoder_image_metrics_are_missing(holdout):
-    table = evaluate_methods(holdout, [EvalMethod("uniform", 3, CacheMethod.uniform(STEPS, 3))], timing_images=1)
+    table = evaluate_methods(holdout, [EvalMethod("uniform", 3, FixedPolicy.uniform(STEPS, 3))], timing_images=1)
     assert table[["psnr", "ssim", "fid", "judge_agreement"]].isna().all().all()
     assert finite_or_none(float("nan")) is None and finite_or_none(float("inf")) is None
     assert finite_or_none(2.5) == 2.5
 
 
 def test_bad_method_lists_are_refused(holdout):
-    uniform = EvalMethod("uniform", 3, CacheMethod.uniform(STEPS, 3))
+    uniform = EvalMethod("uniform", 3, FixedPolicy.uniform(STEPS, 3))
     with pytest.raises(ValueError, match="unique per budget"):
         evaluate_methods(holdout, [uniform, uniform])
     with pytest.raises(ValueError, match="added by evaluate_methods"):
-        evaluate_methods(holdout, [EvalMethod("uncached", STEPS, CacheMethod.none())])
+        evaluate_methods(holdout, [EvalMethod("uncached", STEPS, Uncached())])
     bare = RolloutSet(holdout.denoiser, holdout.noise, holdout.sigmas)
     with pytest.raises(ValueError, match="no uncached finals"):
         evaluate_methods(bare, [uniform])

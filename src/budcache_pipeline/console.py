@@ -53,7 +53,8 @@ def _bench_runtime(args: argparse.Namespace) -> int:
 def _bench_quality(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from budcache_pipeline.bench_quality import bench_quality, format_quality_table
+    from budcache_pipeline.bench_quality import bench_quality
+    from budcache_pipeline.bench_quality_report import format_quality_table
 
     result = bench_quality(forecast=args.forecast, out_dir=args.figures, fid_samples=args.fid_samples)
     print(format_quality_table(result))

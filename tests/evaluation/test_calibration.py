@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from budcache_pipeline.caching.baselines import BaselineError, CacheMethod
+from budcache_pipeline.baselines import BaselineError, FixedPolicy, TeaCache, method_from_json
 from budcache_pipeline.caching.teacache import trace_stack_changes
 from budcache_pipeline.evaluation import BaselineCalibrator, RolloutSet, teacache_mask
 from budcache_pipeline.sampling import rollout
@@ -72,14 +72,14 @@ def test_unreachable_budgets_and_bad_input_say_what_is_possible(calibrator):
     with pytest.raises(BaselineError, match="teacache reaches a mean of 2.00 to"):
         calibrator.calibrate("teacache", 1)
     with pytest.raises(BaselineError, match="unknown cache method"):
-        CacheMethod("fastercache")
+        method_from_json({"kind": "fastercache", "params": {}})
     with pytest.raises(BaselineError, match="no TaylorSeer schedule"):
         calibrator.calibrate("taylorseer", 1)
 
 
 def test_teacache_start_mask_has_the_budget(calibrator, data):
-    method = CacheMethod.teacache(0.4, calibrator.teacache_coefficients)
+    method = TeaCache(0.4, calibrator.teacache_coefficients)
     mask = teacache_mask(method, data, 5)
     assert len(mask) == STEPS and sum(mask) == 5 and mask[0]
     with pytest.raises(BaselineError, match="needs a TeaCache method"):
-        teacache_mask(CacheMethod.uniform(STEPS, 5), data, 5)
+        teacache_mask(FixedPolicy.uniform(STEPS, 5), data, 5)

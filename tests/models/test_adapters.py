@@ -161,10 +161,10 @@ def test_a_saved_tiny_pipeline_loads_from_its_folder_with_the_same_fingerprint(t
 
 
 def test_evaluation_counts_steps_and_transformer_calls_apart(adapter, reference):
-    from budcache_pipeline.caching.baselines import CacheMethod
+    from budcache_pipeline.baselines import FixedPolicy
     from budcache_pipeline.evaluation import RolloutSet, run_method
 
     data = RolloutSet.from_reference(adapter, reference)
-    run = run_method(CacheMethod.fixed(MASKS[0]), data)
+    run = run_method(FixedPolicy(MASKS[0]), data)
     assert (run.compute_steps == sum(MASKS[0])).all()
     assert (run.block_stack_runs == sum(MASKS[0]) * adapter.calls_per_step).all()

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.baselines import FixedPolicy, Uncached
 from budcache_pipeline.evaluation import RolloutSet
-from budcache_pipeline.evaluation.shards import method_to_json, run_methods_batches, saved_method_run
+from budcache_pipeline.evaluation.shards import run_methods_batches, saved_method_run
 from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
 from budcache_pipeline.pipelines.common import load_model, model_size
 from budcache_pipeline.pipelines.evaluate.nodes import evaluate_ladder
@@ -63,7 +63,7 @@ def test_a_lost_batch_alone_is_rerun_and_the_runs_equal_the_one_process_runs(ref
     adapter, made = references
     _, holdout = made["holdout"]
     data = RolloutSet.from_reference(adapter, holdout)
-    methods = [CacheMethod.none(), CacheMethod.uniform(6, 3)]
+    methods = [Uncached(), FixedPolicy.uniform(6, 3)]
     expected = {m.kind: saved_method_run(m, data, tmp_path / "one", 2) for m in methods}
     out = tmp_path / "shards"
     run_methods_batches(methods, data, out, 2)
@@ -73,7 +73,7 @@ def test_a_lost_batch_alone_is_rerun_and_the_runs_equal_the_one_process_runs(ref
     save_reference(holdout, tmp_path / "reference")
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"model": MODEL, "reference": str(tmp_path / "reference"), "batch_size": 2,
-                               "methods": [method_to_json(m) for m in methods], "out_dir": str(out)}))
+                               "methods": [m.to_json() for m in methods], "out_dir": str(out)}))
     launch_torchrun(EVALUATION_WORKER, job, 2)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors") if p.name in kept} == kept
     assert lost.is_file()

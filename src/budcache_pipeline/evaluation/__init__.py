@@ -5,7 +5,14 @@ baseline to a budget on the calibration set, `table` scores every method at ever
 held-out pairs, and `shards` / `worker` run the held-out batches on torchrun ranks.
 """
 
-from budcache_pipeline.evaluation.calibration import BaselineCalibrator, Calibration, teacache_mask
+from budcache_pipeline.evaluation.calibration import (
+    BaselineCalibrator,
+    Calibration,
+    CalibrationPoint,
+    calibrate_baselines,
+    parse_entry,
+    teacache_mask,
+)
 from budcache_pipeline.evaluation.rollouts import ComputeCounter, MethodRun, RolloutSet, probe_module, run_method
 from budcache_pipeline.evaluation.table import (
     COLUMNS,
@@ -24,14 +31,17 @@ __all__ = [
     "UNCACHED",
     "BaselineCalibrator",
     "Calibration",
+    "CalibrationPoint",
     "ComputeCounter",
     "EvalMethod",
     "MethodRun",
     "QualityMetrics",
     "RolloutSet",
     "best_per_budget",
+    "calibrate_baselines",
     "evaluate_methods",
     "finite_or_none",
+    "parse_entry",
     "probe_module",
     "run_method",
     "teacache_mask",

@@ -14,24 +14,19 @@ from typing import Any
 
 import torch
 
-from budcache_pipeline.caching.baselines import (
+from budcache_pipeline.baselines import (
     MATCHES,
-    METHODS,
-    TEACACHE_PUBLISHED,
-    THRESHOLD_METHODS,
+    UNIFORM,
     BaselineError,
     CacheMethod,
-    mag_cache_min_steps,
-    mag_cache_schedule,
-    taylorseer_compute_steps,
+    FixedPolicy,
+    TeaCache,
+    ThresholdBaseline,
+    baseline_class,
 )
 from budcache_pipeline.caching.budcache import transformer_blocks
-from budcache_pipeline.caching.teacache import FLUX_TEACACHE_COEFFICIENTS, fit_teacache_coefficients, trace_stack_changes
+from budcache_pipeline.caching.teacache import fit_teacache_coefficients, trace_stack_changes
 from budcache_pipeline.evaluation.rollouts import EnabledMethod, RolloutSet, run_method
-
-# Where each threshold's bracket starts (it doubles from there until the cost falls below the budget).
-_START_THRESHOLD = {"teacache": 0.3, "first_block_cache": 0.05, "mag_cache": 0.06}
-
 
 
 def _next_threshold(low: float, high: float, low_value: float | None, high_value: float, target: float) -> float:
@@ -48,7 +43,7 @@ def _next_threshold(low: float, high: float, low_value: float | None, high_value
 
 
 @dataclass(frozen=True)
-class _Point:
+class CalibrationPoint:
     method: CacheMethod
     mean_compute_steps: float
     std_compute_steps: float
@@ -75,6 +70,10 @@ class Calibration:
     evaluations: int
     trace: tuple[dict[str, float], ...] = ()
 
+    def info(self) -> dict[str, Any]:
+        """What the held-out table's settings column shows of the calibration (evaluate node and bench alike)."""
+        return {"match": self.match, "calibration_loss": self.loss, "calibration_steps": self.mean_compute_steps}
+
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.name,
@@ -89,33 +88,6 @@ class Calibration:
             "calibration_loss": self.loss,
             "evaluations": self.evaluations,
         }
-
-
-def _calibration(
-    name: str, point: _Point, budget: int, match: str, target: float, evaluations: int, trace: Iterable[_Point]
-) -> Calibration:
-    rows = tuple(
-        {
-            "parameter": p.method.parameter,
-            "mean_compute_steps": p.mean_compute_steps,
-            "mean_block_evaluations": p.mean_block_evaluations,
-            "loss": p.loss,
-        }
-        for p in trace
-    )
-    return Calibration(
-        name=name if match == "compute" else f"{name}@blocks",
-        method=point.method,
-        budget=budget,
-        match=match,
-        target=target,
-        mean_compute_steps=point.mean_compute_steps,
-        std_compute_steps=point.std_compute_steps,
-        mean_block_evaluations=point.mean_block_evaluations,
-        loss=point.loss,
-        evaluations=evaluations,
-        trace=rows,
-    )
 
 
 class BaselineCalibrator:
@@ -144,7 +116,7 @@ class BaselineCalibrator:
         self._coefficients = tuple(teacache_coefficients) if teacache_coefficients is not None else None
         self._mag_ratios = tuple(mag_ratios) if mag_ratios is not None else None
         self.teacache_fit: Any = None
-        self._sweeps: dict[tuple[Any, ...], dict[float, _Point]] = {}
+        self._sweeps: dict[tuple[Any, ...], dict[float, CalibrationPoint]] = {}
         self._done: dict[tuple[str, int, str], Calibration] = {}
 
     def _measure(self) -> None:
@@ -168,9 +140,9 @@ class BaselineCalibrator:
             self._measure()
         return self._mag_ratios
 
-    def evaluate(self, method: CacheMethod) -> _Point:
+    def evaluate(self, method: CacheMethod) -> CalibrationPoint:
         run = run_method(method, self.data)
-        return _Point(
+        return CalibrationPoint(
             method,
             float(run.compute_steps.mean()),
             float(run.compute_steps.std()),
@@ -186,145 +158,153 @@ class BaselineCalibrator:
             raise BaselineError(f"budget must be between 1 and {steps} steps, got {budget}")
         return float(budget if match == "compute" else budget * self.num_blocks)
 
-    def calibrate(self, method: str, budget: int, match: str = "compute") -> Calibration:
-        """The method's parameter whose mean cost over the calibration set is closest to the budget.
+    def calibrate(self, name: str, budget: int, match: str = "compute") -> Calibration:
+        """The member of baseline `name`'s family whose mean cost over the calibration set is closest to the budget.
 
-        `method` is one of METHODS, or TEACACHE_PUBLISHED for TeaCache with FLUX.1's polynomial.
+        `name` is `uniform` (a BudCache policy, evaluated as it is) or a name in `baselines.BASELINES`.
         """
-        target = self.target(budget, match)
-        if (method, budget, match) in self._done:
-            return replace(self._done[(method, budget, match)], evaluations=0)
-        self._done[(method, budget, match)] = self._calibrate(method, budget, match, target)
-        return self._done[(method, budget, match)]
+        self.target(budget, match)
+        if (name, budget, match) in self._done:
+            return replace(self._done[(name, budget, match)], evaluations=0)
+        if name == UNIFORM:
+            point = self.evaluate(FixedPolicy.uniform(self.data.steps, budget))
+            found = self.record(name, point, budget, match, 1, [point])
+        else:
+            found = baseline_class(name).calibrate(self, budget, match)
+        self._done[(name, budget, match)] = found
+        return found
 
-    def _calibrate(self, method: str, budget: int, match: str, target: float) -> Calibration:
-        if method == "uniform":
-            point = self.evaluate(CacheMethod.uniform(self.data.steps, budget))
-            return _calibration(method, point, budget, match, target, 1, [point])
-        if method == "taylorseer":
-            return self._calibrate_taylorseer(budget, match, target)
-        if method not in (*THRESHOLD_METHODS, TEACACHE_PUBLISHED):
-            raise BaselineError(f"unknown baseline {method!r}: choose one of {[*METHODS, TEACACHE_PUBLISHED]}")
-        make, key = self._threshold_family(method, budget)
-        points = self._sweeps.setdefault(key, {})
-        return self._bisect(method, make, points, budget, match, target)
+    def record(
+        self, name: str, point: CalibrationPoint, budget: int, match: str, evaluations: int,
+        trace: Iterable[CalibrationPoint],
+    ) -> Calibration:
+        """The calibration that chose `point` for `budget`, with every point tried (for the report)."""
+        rows = tuple(
+            {
+                "parameter": p.method.parameter,
+                "mean_compute_steps": p.mean_compute_steps,
+                "mean_block_evaluations": p.mean_block_evaluations,
+                "loss": p.loss,
+            }
+            for p in trace
+        )
+        return Calibration(
+            name=name if match == "compute" else f"{name}@blocks",
+            method=point.method,
+            budget=budget,
+            match=match,
+            target=self.target(budget, match),
+            mean_compute_steps=point.mean_compute_steps,
+            std_compute_steps=point.std_compute_steps,
+            mean_block_evaluations=point.mean_block_evaluations,
+            loss=point.loss,
+            evaluations=evaluations,
+            trace=rows,
+        )
 
-    def _threshold_family(self, method: str, budget: int) -> tuple[Callable[[float], CacheMethod], tuple[Any, ...]]:
-        if method in ("teacache", TEACACHE_PUBLISHED):
-            coefficients = self.teacache_coefficients if method == "teacache" else FLUX_TEACACHE_COEFFICIENTS
-            return (lambda t: CacheMethod.teacache(t, coefficients)), (method, coefficients)
-        if method == "first_block_cache":
-            return CacheMethod.first_block_cache, (method,)
-        steps = self.data.steps
-        retention, max_skip = mag_cache_schedule(steps, budget)
-        ratios = self.mag_ratios
-        return (
-            lambda t: CacheMethod.mag_cache(t, ratios, retention / steps, max_skip)
-        ), (method, retention, max_skip)
-
-    def _bisect(
+    def bisect(
         self,
-        method: str,
-        make: Callable[[float], CacheMethod],
-        points: dict[float, _Point],
+        name: str,
+        make: Callable[[float], ThresholdBaseline],
+        key: tuple[Any, ...],
         budget: int,
         match: str,
-        target: float,
+        start: float,
+        floor: int | None = None,
     ) -> Calibration:
-        new: list[_Point] = []
+        """The threshold whose mean cost is closest to the budget, by regula falsi on a bracket.
 
-        def at(threshold: float) -> float:
-            threshold = float(threshold)
-            if threshold not in points:
-                points[threshold] = self.evaluate(make(threshold))
-                new.append(points[threshold])
-                p = points[threshold]
-                self.progress(
-                    f"{method} B={budget} ({match}): threshold {threshold:.4g} -> "
-                    f"{p.mean_compute_steps:.2f} steps, {p.mean_block_evaluations:.1f} block evals, loss {p.loss:.3g}"
-                )
-            return points[threshold].value(match)
+        Thresholds evaluated for other budgets of the same family (`key`) are reused. `start`
+        is where the bracket's upper end starts; `floor` is the family's fewest computations,
+        when it has one, so an unreachable budget is refused without a sweep.
+        """
+        sweep = _Sweep(self, name, make, self._sweeps.setdefault(key, {}), budget, match)
+        if floor is not None and sweep.scaled(floor) > sweep.target:
+            raise sweep.unreachable(sweep.scaled(floor), sweep.scaled(self.data.steps))
+        low, high = sweep.bracket(start)
+        sweep.narrow(low, high, self.max_evaluations)
+        return self.record(name, sweep.best(), budget, match, len(sweep.new), sweep.trace())
 
-        def unreachable(lowest: float, highest: float) -> BaselineError:
-            unit = "compute steps" if match == "compute" else "block evaluations"
-            return BaselineError(
-                f"{method} reaches a mean of {lowest:.2f} to {highest:.2f} {unit} per image on this set; "
-                f"the target {target:g} (budget {budget}) is outside that range"
+
+class _Sweep:
+    """One bisection of a threshold family towards one budget's target, over shared evaluated points."""
+
+    def __init__(
+        self,
+        calibrator: BaselineCalibrator,
+        name: str,
+        make: Callable[[float], ThresholdBaseline],
+        points: dict[float, CalibrationPoint],
+        budget: int,
+        match: str,
+    ) -> None:
+        self.calibrator, self.name, self.make, self.points = calibrator, name, make, points
+        self.budget, self.match = budget, match
+        self.target = calibrator.target(budget, match)
+        self.new: list[CalibrationPoint] = []
+
+    def scaled(self, compute_steps: int) -> float:
+        """A number of compute steps in the unit this sweep matches."""
+        return compute_steps if self.match == "compute" else compute_steps * self.calibrator.num_blocks
+
+    def at(self, threshold: float) -> float:
+        """The cost at `threshold`, evaluated once and reported."""
+        threshold = float(threshold)
+        if threshold not in self.points:
+            p = self.points[threshold] = self.calibrator.evaluate(self.make(threshold))
+            self.new.append(p)
+            self.calibrator.progress(
+                f"{self.name} B={self.budget} ({self.match}): threshold {threshold:.4g} -> "
+                f"{p.mean_compute_steps:.2f} steps, {p.mean_block_evaluations:.1f} block evals, loss {p.loss:.3g}"
             )
+        return self.points[threshold].value(self.match)
 
-        if method == "mag_cache":
-            family = make(0.0).params
-            floor = mag_cache_min_steps(self.data.steps, round(family["retention_ratio"] * self.data.steps),
-                                        family["max_skip_steps"])
-            floor_value = floor if match == "compute" else floor * self.num_blocks
-            if floor_value > target:
-                raise unreachable(floor_value, self.data.steps * (1 if match == "compute" else self.num_blocks))
-        below = sorted(t for t, p in points.items() if p.value(match) <= target)
+    def unreachable(self, lowest: float, highest: float) -> BaselineError:
+        unit = "compute steps" if self.match == "compute" else "block evaluations"
+        return BaselineError(
+            f"{self.name} reaches a mean of {lowest:.2f} to {highest:.2f} {unit} per image on this set; "
+            f"the target {self.target:g} (budget {self.budget}) is outside that range"
+        )
+
+    def bracket(self, start: float) -> tuple[float, float]:
+        """Thresholds whose costs lie on both sides of the target: grow the upper end from `start` if needed."""
+        below = sorted(t for t, p in self.points.items() if p.value(self.match) <= self.target)
         if below:
             high = below[0]
         else:
-            high, seen = _START_THRESHOLD[make(0.0).kind], []
-            while at(high) > target:
-                seen.append(points[high].value(match))
+            high, seen = start, []
+            while self.at(high) > self.target:
+                seen.append(self.points[high].value(self.match))
                 if len(seen) >= 12 or (len(seen) >= 4 and seen[-1] >= seen[-4]):
-                    raise unreachable(min(seen), at(0.0))
+                    raise self.unreachable(min(seen), self.at(0.0))
                 high *= 4
-        above = [t for t, p in points.items() if t < high and p.value(match) >= target]
-        low = max(above) if above else 0.0
-        if not above and at(0.0) < target:
-            raise unreachable(at(high), at(0.0))
-        while len(new) < self.max_evaluations and not any(p.value(match) == target for p in points.values()):
+        above = [t for t, p in self.points.items() if t < high and p.value(self.match) >= self.target]
+        if not above and self.at(0.0) < self.target:
+            raise self.unreachable(self.at(high), self.at(0.0))
+        return (max(above) if above else 0.0), high
+
+    def narrow(self, low: float, high: float, max_evaluations: int) -> None:
+        """Shrink the bracket until a point hits the target, the bracket closes or the evaluations run out."""
+        while len(self.new) < max_evaluations and not any(
+            p.value(self.match) == self.target for p in self.points.values()
+        ):
             if high - low <= 1e-6 * high:
                 break
-            low_value = points[low].value(match) if low in points else None
-            middle = _next_threshold(low, high, low_value, points[high].value(match), target)
-            value = at(middle)
-            if value > target:
+            low_value = self.points[low].value(self.match) if low in self.points else None
+            middle = _next_threshold(low, high, low_value, self.points[high].value(self.match), self.target)
+            value = self.at(middle)
+            if value > self.target:
                 low = middle
-            elif value < target:
+            elif value < self.target:
                 high = middle
-        best = min(
-            points.values(),
-            key=lambda p: (abs(p.value(match) - target), p.value(match) > target, p.loss),
-        )
-        trace = sorted(points.values(), key=lambda p: p.method.parameter)
-        return _calibration(method, best, budget, match, target, len(new), trace)
 
-    def _calibrate_taylorseer(self, budget: int, match: str, target: float) -> Calibration:
-        """Every (warm-up, interval, order) whose schedule computes exactly `budget` steps; the best on the set wins."""
-        steps = self.data.steps
-        schedules: dict[tuple[int, ...], tuple[int, int]] = {}
-        for before in range(1, min(budget, 6) + 1):
-            for interval in range(1, steps + 1):
-                schedule = tuple(taylorseer_compute_steps(steps, interval, before))
-                if len(schedule) == budget:
-                    schedules.setdefault(schedule, (interval, before))
-        candidates = [
-            CacheMethod.taylorseer(interval, before, order)
-            for order in (1, 2)
-            for interval, before in schedules.values()
-        ]
-        if not candidates:
-            counts = sorted(
-                {len(taylorseer_compute_steps(steps, i, b)) for i in range(1, steps + 1) for b in range(1, 7)}
-            )
-            raise BaselineError(
-                f"no TaylorSeer schedule computes exactly {budget} of {steps} steps (possible counts: {counts})"
-            )
-        points = []
-        for method in candidates:
-            point = self.evaluate(method)
-            expected = len(taylorseer_compute_steps(steps, method.params["cache_interval"],
-                                                    method.params["disable_cache_before_step"]))
-            if point.mean_compute_steps != expected:
-                raise RuntimeError(
-                    f"TaylorSeer computed {point.mean_compute_steps} steps where its schedule says {expected}: "
-                    "diffusers' hook changed its step rule"
-                )
-            points.append(point)
-            self.progress(f"taylorseer B={budget}: {method.settings()} -> loss {point.loss:.3g}")
-        best = min(points, key=lambda p: p.loss)
-        return _calibration("taylorseer", best, budget, match, target, len(points), points)
+    def best(self) -> CalibrationPoint:
+        """The point closest to the target (ties: below it rather than above, then the lower loss)."""
+        match, target = self.match, self.target
+        return min(self.points.values(), key=lambda p: (abs(p.value(match) - target), p.value(match) > target, p.loss))
+
+    def trace(self) -> list[CalibrationPoint]:
+        return sorted(self.points.values(), key=lambda p: p.method.parameter)
 
 
 def teacache_mask(method: CacheMethod, data: RolloutSet, budget: int) -> list[bool]:
@@ -332,14 +312,51 @@ def teacache_mask(method: CacheMethod, data: RolloutSet, budget: int) -> list[bo
 
     Gives the search a start that encodes where the model's input changes fastest.
     """
-    if method.kind != "teacache":
+    if not isinstance(method, TeaCache):
         raise BaselineError(f"teacache_mask needs a TeaCache method, got {method.kind!r}")
     if not 1 <= budget <= data.steps:
         raise BaselineError(f"budget must be between 1 and {data.steps} steps, got {budget}")
     with torch.inference_mode(), EnabledMethod(method, data.transformer, data.solver) as enabled:
         enabled.run(data)
-        frequency = enabled.runtime.step_decisions().float().mean(dim=1).tolist()
+        frequency = method.step_decisions(data.transformer).float().mean(dim=1).tolist()
     frequency[0] = math.inf
     order = sorted(range(data.steps), key=lambda i: (-frequency[i], i))
     chosen = set(order[:budget])
     return [i in chosen for i in range(data.steps)]
+
+
+def parse_entry(entry: str) -> tuple[str, str]:
+    """A baseline entry `name` (matched in compute steps) or `name@blocks` (in block evaluations)."""
+    name, _, match = str(entry).partition("@")
+    return name, match or "compute"
+
+
+def calibrate_baselines(
+    calibrator: BaselineCalibrator,
+    entries: Sequence[str],
+    budgets: Sequence[int],
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Calibration], list[dict[str, Any]]]:
+    """Every baseline entry tuned at every budget (largest first), and the ones left out with the reason.
+
+    The order is fixed because a family's evaluations are shared across budgets: the Kedro
+    evaluate node and the quality bench call this with the same entries and get the same thresholds.
+    """
+    say = progress or (lambda _: None)
+    calibrations, skipped = [], []
+    for budget in sorted(budgets, reverse=True):
+        for entry in entries:
+            name, match = parse_entry(entry)
+            try:
+                found = calibrator.calibrate(name, budget, match)
+            except BaselineError as exc:
+                say(f"{entry} is left out at budget {budget}: {exc}")
+                skipped.append({"method": str(entry), "budget": budget, "reason": str(exc)})
+                continue
+            calibrations.append(found)
+            say(
+                f"{found.name} B={budget}: parameter {found.method.parameter}, "
+                f"{found.mean_compute_steps:.2f}±{found.std_compute_steps:.2f} steps, "
+                f"{found.mean_block_evaluations:.1f} block evals, calibration loss {found.loss:.4g}"
+            )
+    return calibrations, skipped

@@ -18,10 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from budcache_pipeline.caching.baselines import BaselineError, CacheMethod
-from budcache_pipeline.caching.budcache import disable_budcache, enable_budcache, transformer_blocks
-from budcache_pipeline.caching.teacache import TeaCacheConfig, disable_teacache, enable_teacache
-from budcache_pipeline.policy import CachePolicy
+from budcache_pipeline.baselines import BaselineError, CacheMethod
+from budcache_pipeline.caching.budcache import get_runtime, transformer_blocks
 from budcache_pipeline.sampling import rollout
 from budcache_pipeline.solvers import EulerSolver
 
@@ -136,31 +134,6 @@ class MethodRun:
         return (self.final.float() - reference.float()).pow(2).flatten(1).mean(dim=1).numpy()
 
 
-def _diffusers_config(method: CacheMethod, steps: int) -> Any:
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
-
-    p = method.params
-    if method.kind == "first_block_cache":
-        return FirstBlockCacheConfig(threshold=p["threshold"])
-    if method.kind == "mag_cache":
-        if len(p["mag_ratios"]) != steps:
-            raise BaselineError(f"MagCache ratios have {len(p['mag_ratios'])} entries, the sampler {steps} steps")
-        return MagCacheConfig(
-            threshold=p["threshold"],
-            max_skip_steps=p["max_skip_steps"],
-            retention_ratio=p["retention_ratio"],
-            num_inference_steps=steps,
-            mag_ratios=torch.tensor(p["mag_ratios"]),
-        )
-    return TaylorSeerCacheConfig(
-        cache_interval=p["cache_interval"],
-        disable_cache_before_step=p["disable_cache_before_step"],
-        max_order=p["max_order"],
-        taylor_factors_dtype=torch.float32,
-        use_lite_mode=True,
-    )
-
-
 def _on_sigmas(solver: Any, sigmas: Sequence[float]) -> Any:
     """`solver` over a method's own sigmas: Euler takes any schedule, a multistep scheduler only its own."""
     target = torch.tensor(list(sigmas), dtype=torch.float32)
@@ -178,57 +151,21 @@ class EnabledMethod:
     """A method applied to a transformer for the duration of a `with` block; runs rollouts under it."""
 
     def __init__(self, method: CacheMethod, transformer: torch.nn.Module, solver: Any) -> None:
-        own = method.params.get("sigmas")
         self.method, self.transformer = method, transformer
-        self.solver = solver if own is None else _on_sigmas(solver, own)
-        self.sigmas = self.solver.sigmas
-        self.steps = solver.steps
-        self.runtime: Any = None
+        self.solver = solver if method.sigmas is None else _on_sigmas(solver, method.sigmas)
 
     def __enter__(self) -> EnabledMethod:
-        kind, p = self.method.kind, self.method.params
-        if kind in ("policy", "uniform"):
-            if len(p["mask"]) != self.steps:
-                raise BaselineError(f"the mask has {len(p['mask'])} steps, the sampler {self.steps}")
-            if len(self.sigmas) != self.steps + 1:
-                raise BaselineError(f"the method's sigmas describe {len(self.sigmas) - 1} steps, the mask {self.steps}")
-            policy = CachePolicy(
-                p["mask"], "baseline", "baseline", sigmas=self.sigmas.tolist(), forecast=p.get("forecast", "reuse")
-            )
-            self.runtime = enable_budcache(self.transformer, policy)
-        elif kind == "teacache":
-            config = TeaCacheConfig(p["threshold"], self.steps, p["coefficients"])
-            self.runtime = enable_teacache(self.transformer, config)
-        elif kind != "none":
-            if not hasattr(self.transformer, "enable_cache"):
-                raise BaselineError(
-                    f"{type(self.transformer).__name__} has no `enable_cache`: diffusers' {kind} does not run on it"
-                )
-            self.transformer.enable_cache(_diffusers_config(self.method, self.steps))
+        self.method.enable(self.transformer, self.solver.sigmas)
         return self
 
     def __exit__(self, *_: Any) -> None:
-        kind = self.method.kind
-        if kind in ("policy", "uniform"):
-            disable_budcache(self.transformer)
-        elif kind == "teacache":
-            disable_teacache(self.transformer)
-        elif kind != "none":
-            self.transformer.disable_cache()
+        self.method.disable(self.transformer)
 
     def run(self, data: RolloutSet) -> tuple[torch.Tensor, np.ndarray | None]:
         """Final latents, and per-sample compute counts when the method keeps them itself."""
-        kind = self.method.kind
-        if kind in ("policy", "uniform"):
-            return rollout(data.denoiser, self.runtime, data.noise, self.solver).final, None
-        if kind == "teacache":
-            self.runtime.reset()
-            final = rollout(data.denoiser, None, data.noise, self.solver).final
-            counts = torch.stack(list(self.runtime.compute_counts().values())).amax(dim=0)
-            return final, counts.numpy()
-        if kind != "none":
-            self.transformer._reset_stateful_cache()
-        return rollout(data.denoiser, None, data.noise, self.solver).final, None
+        self.method.reset(self.transformer)
+        final = rollout(data.denoiser, get_runtime(self.transformer), data.noise, self.solver).final
+        return final, self.method.compute_counts(self.transformer)
 
 
 def run_method(method: CacheMethod, data: RolloutSet, per_image: bool | None = None) -> MethodRun:

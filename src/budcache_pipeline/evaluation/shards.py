@@ -15,7 +15,6 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,31 +22,16 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from budcache_pipeline.atomic import write_bytes_atomic
-from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.baselines import CacheMethod
 from budcache_pipeline.evaluation.rollouts import MethodRun, RolloutSet, run_method
 from budcache_pipeline.search.distributed import Shard
 
 _BATCH_FILE = "{method}-batch_{index:05d}.safetensors"
 
 
-def method_to_json(method: CacheMethod) -> dict[str, Any]:
-    """A method as plain JSON (for a job file): its kind and parameters, tuples as lists."""
-
-    def plain(value: Any) -> Any:
-        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-    return {"kind": method.kind, "params": {k: plain(v) for k, v in method.params.items()}}
-
-
-def method_from_json(data: dict[str, Any]) -> CacheMethod:
-    """The method `method_to_json` wrote (sequences back as tuples, as the constructors make them)."""
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in data["params"].items()}
-    return CacheMethod(str(data["kind"]), params)
-
-
 def method_digest(method: CacheMethod) -> str:
     """A short name for a method's files: the same kind and parameters always give the same name."""
-    return hashlib.sha256(json.dumps(method_to_json(method), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(method.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def batch_slices(rows: int, batch_size: int | None) -> list[slice]:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from budcache_pipeline.caching.baselines import CacheMethod
+from budcache_pipeline.baselines import CacheMethod, Uncached
 from budcache_pipeline.evaluation.rollouts import MethodRun, RolloutSet, run_method
 
 UNCACHED = "uncached"
@@ -177,7 +177,7 @@ def evaluate_methods(
     say = progress or (lambda _: None)
     reference_images = quality.decode(data.reference) if quality.decode is not None else None
     rows = []
-    entries = [EvalMethod(UNCACHED, data.steps, CacheMethod.none()), *methods]
+    entries = [EvalMethod(UNCACHED, data.steps, Uncached()), *methods]
     for entry in entries:
         done = run(entry.method, data)
         seconds = _timing(entry.method, data, done, timing_images)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from budcache_pipeline.evaluation.rollouts import RolloutSet
-from budcache_pipeline.evaluation.shards import method_from_json, run_methods_batches
+from budcache_pipeline.baselines import method_from_json
+from budcache_pipeline.evaluation.shards import run_methods_batches
 from budcache_pipeline.models.spec import load_adapter
 from budcache_pipeline.search.distributed import Shard, run_worker
 from budcache_pipeline.search.reference import load_reference

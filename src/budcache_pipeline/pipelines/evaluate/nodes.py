@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from budcache_pipeline.caching.baselines import BaselineError, CacheMethod
+from budcache_pipeline.baselines import CacheMethod, FixedPolicy, Uncached
 from budcache_pipeline.evaluation import (
     IMAGE_QUALITY,
     BaselineCalibrator,
@@ -26,7 +26,8 @@ from budcache_pipeline.evaluation import (
     finite_or_none,
     run_method,
 )
-from budcache_pipeline.evaluation.shards import batch_slices, method_to_json, saved_method_run
+from budcache_pipeline.evaluation.calibration import calibrate_baselines
+from budcache_pipeline.evaluation.shards import batch_slices, saved_method_run
 from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
 from budcache_pipeline.pipelines.common import load_model, process_count, resume_dir
 from budcache_pipeline.pipelines.search.nodes import calibration_subset
@@ -98,21 +99,17 @@ def evaluate_ladder(
         max_evaluations=int(params["max_calibration_evaluations"]),
         progress=logger.info,
     )
-    methods, calibrations, skipped = [], [], []
+    calibrations, skipped = calibrate_baselines(calibrator, params["baselines"], list(searched), logger.info)
+    for left_out in skipped:
+        logger.warning("%s is left out at budget %d: %s", left_out["method"], left_out["budget"], left_out["reason"])
+    methods = []
     for budget in sorted(searched, reverse=True):
-        methods.append(EvalMethod(SEARCHED, budget, CacheMethod.policy(searched[budget])))
+        methods.append(EvalMethod(SEARCHED, budget, FixedPolicy.of(searched[budget])))
         if is_aligned(aligned[budget]):
-            methods.append(EvalMethod(ALIGNED, budget, CacheMethod.policy(aligned[budget])))
-        for entry in params["baselines"]:
-            name, _, match = str(entry).partition("@")
-            try:
-                calibration = calibrator.calibrate(name, budget, match=match or "compute")
-            except BaselineError as exc:
-                logger.warning("%s is left out at budget %d: %s", entry, budget, exc)
-                skipped.append({"method": str(entry), "budget": budget, "reason": str(exc)})
-                continue
-            calibrations.append(calibration.summary())
-            methods.append(EvalMethod(calibration.name, budget, calibration.method, info={"match": calibration.match}))
+            methods.append(EvalMethod(ALIGNED, budget, FixedPolicy.of(aligned[budget])))
+        methods.extend(
+            EvalMethod(c.name, budget, c.method, c.info()) for c in calibrations if c.budget == budget
+        )
     quality = _quality(adapter, reference_holdout, holdout_prompts, params)
     finals: dict[tuple[str, int], torch.Tensor] = {}
     holdout = RolloutSet.from_reference(adapter, reference_holdout)
@@ -129,7 +126,7 @@ def evaluate_ladder(
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     samples = _samples(finals, quality, int(params["grid_images"]), reference_holdout.steps)
-    return table, table, {"calibrations": calibrations, "unreachable": skipped}, samples
+    return table, table, {"calibrations": [c.summary() for c in calibrations], "unreachable": skipped}, samples
 
 
 def _held_out_runs(
@@ -166,7 +163,7 @@ def _held_out_runs(
         job = scratch / "job.json"
         job.write_text(json.dumps({
             "model": dict(model_params), "reference": str(scratch / "reference"), "batch_size": batch_size,
-            "methods": [method_to_json(m) for m in (CacheMethod.none(), *methods)], "out_dir": str(scratch),
+            "methods": [m.to_json() for m in (Uncached(), *methods)], "out_dir": str(scratch),
         }))
         logger.info("held-out runs: %d batches of %d on %d torchrun processes", len(batches), batch_size, processes)
         launch_torchrun(EVALUATION_WORKER, job, processes)
