@@ -162,7 +162,7 @@ class _RunOutputs:
 def _kedro_outputs(
     project: Path, env: str | None, reuse: bool, cuda: bool, progress: Callable[[str], None]
 ) -> _RunOutputs:
-    """Run the project for `env` in a Kedro session (unless `reuse`), then load the metrics and every budget's outputs."""
+    """Run the project for `env` in a Kedro session (unless `reuse`); load the metrics and every budget's outputs."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
     from kedro.io import DatasetError

@@ -125,7 +125,9 @@ class _Batch:
     x_t: torch.Tensor
 
 
-def _training_set(pipe: DigitsFluxPipeline, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> _TrainingSet:
+def _training_set(
+    pipe: DigitsFluxPipeline, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> _TrainingSet:
     tokenizer = pipe.tokenizer
     return _TrainingSet(
         x0=DigitsFluxPipeline._pack_latents(images * 2.0 - 1.0, len(images), 1, IMAGE_SIZE, IMAGE_SIZE),
