@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,29 +146,29 @@ def _is_flux_dev_1024(model: dict[str, Any], adapter: Any, size: Any) -> bool:
     return transformer_shape(config, 1024, 1024) == transformer_shape(FLUX_1_DEV.transformer, 1024, 1024)
 
 
-def bench_gpu(
-    project: str | Path = ".",
-    env: str | None = None,
-    *,
-    reuse: bool = False,
-    images: int = 2,
-    progress: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run (or with `reuse`, read) the project for `env` and measure every budget of its ladder; see the module doc."""
+@dataclass(frozen=True)
+class _RunOutputs:
+    """What the bench reads from a Kedro run of the environment."""
+
+    model: dict[str, Any]
+    run_seconds: float | None
+    table: Any
+    budgets: list[int]
+    policies: dict[int, Any]
+    summaries: dict[int, Any]
+    holdout: Any
+
+
+def _kedro_outputs(
+    project: Path, env: str | None, reuse: bool, cuda: bool, progress: Callable[[str], None]
+) -> _RunOutputs:
+    """Run the project for `env` in a Kedro session (unless `reuse`); load the metrics and every budget's outputs."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
     from kedro.io import DatasetError
 
-    from budcache_pipeline.pipelines.common import load_model, model_size, model_steps
-    from budcache_pipeline.pipelines.evaluate.nodes import ALIGNED, SEARCHED, is_aligned
-    from budcache_pipeline.deploy import check_policy
-    from budcache_pipeline.cost import search_rollouts
+    from budcache_pipeline.pipelines.evaluate.nodes import ALIGNED, SEARCHED
 
-    if images < 1:
-        raise BenchGpuError(f"images must be at least 1, got {images}")
-    project = Path(project).resolve()
-    cuda = torch.cuda.is_available()
-    check_environment(project, env, cuda)
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=env) as session:
         model = dict(session.load_context().params["model"])
@@ -187,36 +188,74 @@ def bench_gpu(
                 f"run `kedro run --env {env or 'local'}` first, or leave out --reuse"
             ) from exc
         budgets = sorted({int(b) for b in table[table["method"].isin([SEARCHED, ALIGNED])]["budget"]}, reverse=True)
-        policies = {b: catalog.load(f"budget_{b}.final_policy") for b in budgets}
-        summaries = {b: catalog.load(f"budget_{b}.search_summary") for b in budgets}
-        holdout = catalog.load("reference_holdout")
-    adapter = load_model(model)
-    size, steps = model_size(adapter, model), model_steps(model)
-    pairs = list(zip(holdout.prompts, holdout.seeds))[:images]
-    progress(f"timing {len(pairs)} held-out image(s) per method on {adapter.device} ...")
-    uncached_schedule = adapter.schedule_kwargs(adapter.default_sigmas(steps, size), size)
-    uncached = _time_images(adapter, pairs, size, uncached_schedule, None, timer_calls=True)
-    per_call = uncached["per_call_seconds"]
+        return _RunOutputs(
+            model=model,
+            run_seconds=run_seconds,
+            table=table,
+            budgets=budgets,
+            policies={b: catalog.load(f"budget_{b}.final_policy") for b in budgets},
+            summaries={b: catalog.load(f"budget_{b}.search_summary") for b in budgets},
+            holdout=catalog.load("reference_holdout"),
+        )
+
+
+def _ladder_rows(
+    adapter: Any, pairs: Sequence[tuple[str, int]], size: Any, steps: int, outputs: _RunOutputs, uncached_seconds: float
+) -> list[dict[str, Any]]:
+    """Per budget: time under the policy, speedup, the search's cost and held-out quality against the best baseline."""
+    from budcache_pipeline.cost import search_rollouts
+    from budcache_pipeline.deploy import check_policy
+    from budcache_pipeline.pipelines.evaluate.nodes import ALIGNED, SEARCHED, is_aligned
+
     rows = []
-    for budget in budgets:
-        policy = policies[budget]
+    for budget in outputs.budgets:
+        policy = outputs.policies[budget]
         plan = check_policy(adapter, policy, steps, size)
         timed = _time_images(adapter, pairs, size, plan.schedule_kwargs, plan.policy, timer_calls=False)
-        summary = summaries[budget]
+        summary = outputs.summaries[budget]
         processes = int(summary.get("settings", {}).get("processes", 1))
         rows.append({
             "budget": budget,
             "steps": steps,
             "computed_steps": timed["computed_steps"],
             "s_per_image": timed["seconds_per_image"],
-            "speedup": uncached["seconds_per_image"] / timed["seconds_per_image"],
+            "speedup": uncached_seconds / timed["seconds_per_image"],
             "ideal": steps / budget,
             "peak_gpu_bytes": timed["peak_gpu_bytes"],
             "search_minutes": float(summary["cost"]["wall_seconds"]) * processes / 60,
             "search_processes": processes,
             "search_rollouts": search_rollouts(summary["cost"], steps),
-            **_quality(table, budget, ALIGNED if is_aligned(policy) else SEARCHED),
+            **_quality(outputs.table, budget, ALIGNED if is_aligned(policy) else SEARCHED),
         })
+    return rows
+
+
+def bench_gpu(
+    project: str | Path = ".",
+    env: str | None = None,
+    *,
+    reuse: bool = False,
+    images: int = 2,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or with `reuse`, read) the project for `env` and measure every budget of its ladder; see the module doc."""
+    from budcache_pipeline.pipelines.common import load_model, model_size, model_steps
+
+    if images < 1:
+        raise BenchGpuError(f"images must be at least 1, got {images}")
+    project = Path(project).resolve()
+    cuda = torch.cuda.is_available()
+    check_environment(project, env, cuda)
+    outputs = _kedro_outputs(project, env, reuse, cuda, progress)
+    model = outputs.model
+    adapter = load_model(model)
+    size, steps = model_size(adapter, model), model_steps(model)
+    pairs = list(zip(outputs.holdout.prompts, outputs.holdout.seeds))[:images]
+    progress(f"timing {len(pairs)} held-out image(s) per method on {adapter.device} ...")
+    uncached_schedule = adapter.schedule_kwargs(adapter.default_sigmas(steps, size), size)
+    uncached = _time_images(adapter, pairs, size, uncached_schedule, None, timer_calls=True)
+    per_call = uncached["per_call_seconds"]
+    rows = _ladder_rows(adapter, pairs, size, steps, outputs, uncached["seconds_per_image"])
     measured_here = cuda and _is_flux_dev_1024(model, adapter, size)
     return {
         "environment": env or "default",
@@ -228,7 +267,7 @@ def bench_gpu(
         "steps": steps,
         "images_timed": len(pairs),
         "reused": reuse,
-        "run_seconds": run_seconds,
+        "run_seconds": outputs.run_seconds,
         "uncached": {
             "s_per_image": uncached["seconds_per_image"],
             "peak_gpu_bytes": uncached["peak_gpu_bytes"],

@@ -52,6 +52,109 @@ def _time_once(run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+class _BenchRun:
+    """The bench pipeline and its fixed inputs, timed for one image without hooks or under a budget's policy."""
+
+    def __init__(self, budgets: Sequence[int], steps: int, size: int) -> None:
+        self.pipe = bench_flux_pipeline()
+        torch.manual_seed(0)
+        self.prompt_embeds, self.pooled = torch.randn(1, 32, 64), torch.randn(1, 64)
+        self.size, self.image_size = size, Size(size, size)
+        self.adapter = FluxAdapter(self.pipe)
+        sigmas = self.adapter.default_sigmas(steps, self.image_size)
+        self.schedule = self.adapter.schedule_kwargs(sigmas, self.image_size)
+        fingerprint = model_fingerprint(self.pipe.transformer)
+        self.policies = {b: CachePolicy.uniform(steps, b, "bench-flux", fingerprint, sigmas) for b in budgets}
+
+    def generate(self) -> torch.Tensor:
+        return self.pipe(
+            prompt_embeds=self.prompt_embeds,
+            pooled_prompt_embeds=self.pooled,
+            **self.schedule,
+            height=self.size,
+            width=self.size,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
+
+    def time_uncached(self) -> float:
+        return _time_once(self.generate)
+
+    def time_cached(self, budget: int) -> float:
+        enable_budcache(self.pipe, self.policies[budget])
+        try:
+            return _time_once(self.generate)
+        finally:
+            disable_budcache(self.pipe)
+
+
+class _Timings:
+    """Seconds per image without a cache and per budget, and each budget's ratios to its adjacent uncached run."""
+
+    def __init__(self, budgets: Sequence[int]) -> None:
+        self.uncached: list[float] = []
+        self.cached: dict[int, list[float]] = {b: [] for b in budgets}
+        self.ratios: dict[int, list[float]] = {b: [] for b in budgets}
+
+
+def _paired_rounds(
+    run: _BenchRun, budgets: Sequence[int], repeats: int, timings: _Timings, progress: Callable[[str], None]
+) -> None:
+    """Each round times every budget next to an uncached run, which of the two goes first alternating by round."""
+    for repeat in range(repeats):
+        for budget in budgets:
+            if repeat % 2 == 0:
+                baseline, cached = run.time_uncached(), run.time_cached(budget)
+            else:
+                cached, baseline = run.time_cached(budget), run.time_uncached()
+            timings.uncached.append(baseline)
+            timings.cached[budget].append(cached)
+            timings.ratios[budget].append(cached / baseline)
+        progress(f"round {repeat + 1}/{repeats}: no cache {statistics.median(timings.uncached):.3f} s/image (median)")
+
+
+def _overhead_pairs(
+    run: _BenchRun, steps: int, overhead_repeats: int, timings: _Timings, progress: Callable[[str], None]
+) -> float | None:
+    """More full-budget pairs with every transformer call timed: the hooks' cost per call (p10 ratio - 1)."""
+    timer = CallTimer(run.pipe.transformer)
+    try:
+        for repeat in range(overhead_repeats):
+            for label in ("none", "hooked") if repeat % 2 == 0 else ("hooked", "none"):
+                timer.label = label
+                if label == "none":
+                    timings.uncached.append(run.time_uncached())
+                else:
+                    timings.cached[steps].append(run.time_cached(steps))
+            timings.ratios[steps].append(timings.cached[steps][-1] / timings.uncached[-1])
+    finally:
+        timer.remove()
+    per_call = None
+    if overhead_repeats:
+        per_call = timer.percentile("hooked", 0.1) / timer.percentile("none", 0.1) - 1.0
+    progress(f"overhead: {len(timings.ratios[steps])} image pairs at the full budget")
+    return per_call
+
+
+def _speedup_rows(budgets: Sequence[int], steps: int, timings: _Timings) -> list[dict[str, Any]]:
+    rows = []
+    for budget in budgets:
+        relative = statistics.median(timings.ratios[budget])
+        rows.append(
+            {
+                "budget": budget,
+                "steps": steps,
+                "seconds_per_image": statistics.median(timings.cached[budget]),
+                "relative_time": relative,
+                "relative_times": timings.ratios[budget],
+                "speedup": 1.0 / relative,
+                "ideal_speedup": steps / budget,
+                "speedup_over_ideal": 1.0 / relative / (steps / budget),
+            }
+        )
+    return rows
+
+
 def bench_runtime(
     budgets: Sequence[int] = BENCH_BUDGETS,
     steps: int = BENCH_STEPS,
@@ -71,85 +174,19 @@ def bench_runtime(
     """
     if repeats < 1 or not budgets or any(not 1 <= b <= steps for b in budgets):
         raise ValueError(f"need repeats >= 1 and budgets in 1..{steps}, got repeats={repeats}, budgets={budgets}")
-    pipe = bench_flux_pipeline()
-    torch.manual_seed(0)
-    prompt_embeds, pooled = torch.randn(1, 32, 64), torch.randn(1, 64)
-    adapter, image_size = FluxAdapter(pipe), Size(size, size)
-    sigmas = adapter.default_sigmas(steps, image_size)
-    schedule = adapter.schedule_kwargs(sigmas, image_size)
-    fingerprint = model_fingerprint(pipe.transformer)
-    policies = {b: CachePolicy.uniform(steps, b, "bench-flux", fingerprint, sigmas) for b in budgets}
-
-    def generate() -> torch.Tensor:
-        return pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
-            **schedule,
-            height=size,
-            width=size,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-        ).images
-
-    def generate_with(budget: int) -> float:
-        enable_budcache(pipe, policies[budget])
-        try:
-            return _time_once(generate)
-        finally:
-            disable_budcache(pipe)
-
-    none_times: list[float] = []
-    times: dict[int, list[float]] = {b: [] for b in budgets}
-    ratios: dict[int, list[float]] = {b: [] for b in budgets}
+    run, timings = _BenchRun(budgets, steps, size), _Timings(budgets)
     with torch.inference_mode():
-        generate()
-        for repeat in range(repeats):
-            for budget in budgets:
-                if repeat % 2 == 0:
-                    baseline, cached = _time_once(generate), generate_with(budget)
-                else:
-                    cached, baseline = generate_with(budget), _time_once(generate)
-                none_times.append(baseline)
-                times[budget].append(cached)
-                ratios[budget].append(cached / baseline)
-            progress(f"round {repeat + 1}/{repeats}: no cache {statistics.median(none_times):.3f} s/image (median)")
-        per_call = None
-        if steps in budgets:
-            timer = CallTimer(pipe.transformer)
-            try:
-                for repeat in range(overhead_repeats):
-                    for label in ("none", "hooked") if repeat % 2 == 0 else ("hooked", "none"):
-                        timer.label = label
-                        seconds = _time_once(generate) if label == "none" else generate_with(steps)
-                        (none_times if label == "none" else times[steps]).append(seconds)
-                    ratios[steps].append(times[steps][-1] / none_times[-1])
-            finally:
-                timer.remove()
-            if overhead_repeats:
-                per_call = timer.percentile("hooked", 0.1) / timer.percentile("none", 0.1) - 1.0
-            progress(f"overhead: {len(ratios[steps])} image pairs at the full budget")
-    rows = []
-    for budget in budgets:
-        relative = statistics.median(ratios[budget])
-        rows.append(
-            {
-                "budget": budget,
-                "steps": steps,
-                "seconds_per_image": statistics.median(times[budget]),
-                "relative_time": relative,
-                "relative_times": ratios[budget],
-                "speedup": 1.0 / relative,
-                "ideal_speedup": steps / budget,
-                "speedup_over_ideal": 1.0 / relative / (steps / budget),
-            }
-        )
+        run.generate()
+        _paired_rounds(run, budgets, repeats, timings, progress)
+        per_call = _overhead_pairs(run, steps, overhead_repeats, timings, progress) if steps in budgets else None
+    rows = _speedup_rows(budgets, steps, timings)
     full = next((r for r in rows if r["budget"] == steps), None)
     return {
-        "model": f"bench-flux (8 blocks, inner dim 256, {adapter.image_seq_len(image_size)} image tokens)",
+        "model": f"bench-flux (8 blocks, inner dim 256, {run.adapter.image_seq_len(run.image_size)} image tokens)",
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "method": "median over rounds of each budget's time / an adjacent no-cache run's time",
-        "no_cache_seconds_per_image": statistics.median(none_times),
+        "no_cache_seconds_per_image": statistics.median(timings.uncached),
         "rows": rows,
         "overhead_full_budget": per_call,
         "overhead_full_budget_per_image": (full["relative_time"] - 1.0) if full else None,

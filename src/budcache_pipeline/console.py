@@ -200,13 +200,33 @@ _UNVERIFIED_HELP = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="budcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_bench_commands(commands)
+    _add_generate_command(commands)
+    _add_check_model_command(commands)
+    _add_train_command(commands)
+    _add_registry_commands(commands)
+    return parser
 
+
+def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    """`budcache bench ...`: one subcommand per benchmark."""
     bench = commands.add_parser("bench", help="benchmarks that print figures")
     benches = bench.add_subparsers(dest="bench", required=True)
+    _add_bench_runtime(benches)
+    _add_bench_quality(benches)
+    _add_bench_ablation(benches)
+    _add_bench_gpu(benches)
+    _add_bench_real_size(benches)
+
+
+def _add_bench_runtime(benches: argparse._SubParsersAction) -> None:
     runtime = benches.add_parser("runtime", help="speedup of budgets 28/14/10/7/5 over no cache on a bench FLUX model")
     runtime.add_argument("--json", help="also write the result as JSON here")
     runtime.add_argument("--repeats", type=_positive_int, default=6, help="timing rounds; figures are medians (default 6)")
     runtime.set_defaults(handler=_bench_runtime)
+
+
+def _add_bench_quality(benches: argparse._SubParsersAction) -> None:
     quality = benches.add_parser("quality", help="searched policies vs heuristic caches on the default model's held-out prompts")
     quality.add_argument("--json", help="also write the summary and table as JSON here")
     quality.add_argument("--csv", help="also write the held-out table (one row per method x budget) as CSV here")
@@ -220,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--fid-samples", type=_non_negative_int, default=2048,
                          help="held-out samples of the FID comparison at budgets 7, 5, 4 (default 2048; 0 skips it)")
     quality.set_defaults(handler=_bench_quality)
+
+
+def _add_bench_ablation(benches: argparse._SubParsersAction) -> None:
     ablation = benches.add_parser(
         "ablation", help="held-out MSE and search cost per budget of DP alone, DP+HC, DP+SA+HC, uniform+SA+HC, the default"
     )
@@ -230,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--env", help="the Kedro environment whose search settings are the default (default local)")
     ablation.add_argument("--csv", help="also write the table as CSV here")
     ablation.set_defaults(handler=_bench_ablation)
+
+
+def _add_bench_gpu(benches: argparse._SubParsersAction) -> None:
     gpu = benches.add_parser(
         "gpu", help="per budget of a Kedro run: s/image, speedup, peak GPU memory, search GPU-minutes, held-out quality"
     )
@@ -241,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--images", type=_positive_int, default=2, help="held-out images timed per method (default 2)")
     gpu.add_argument("--json", help="also write the result as JSON here")
     gpu.set_defaults(handler=_bench_gpu)
+
+
+def _add_bench_real_size(benches: argparse._SubParsersAction) -> None:
     real = benches.add_parser(
         "real-size", help="a released model's speed, memory and state size at served size, random weights (GPU)"
     )
@@ -252,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--json", help="also write the figures as JSON here")
     real.set_defaults(handler=_bench_real_size)
 
+
+def _add_generate_command(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="a PNG grid of one prompt over several seeds, optionally under a policy")
     generate.add_argument("--prompt", required=True, help='e.g. "a handwritten seven" for the embedded default model')
     generate.add_argument("--model-config", help=_MODEL_CONFIG_HELP)
@@ -262,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="PNG path")
     generate.set_defaults(handler=_generate)
 
+
+def _add_check_model_command(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser("check-model", help="load your weights, run two steps, print time and memory per step")
     check.add_argument("--adapter", required=True, help="a registered adapter's name (an unknown one lists them)")
     check.add_argument("--weights", help="a local diffusers folder, a cached hub id, or `tiny` (random weights)")
@@ -273,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--num-frames", type=_positive_int, dest="num_frames")
     check.set_defaults(handler=_check_model)
 
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train-default-model", help="reproduce the shipped default model from scratch")
     train.add_argument("--out", required=True, help="folder for the weights, loss curve and report")
     train.add_argument("--steps", type=_positive_int, default=3000)
@@ -282,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_train_default_model)
 
+
+def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
+    """The MLflow registry's operations: promote, pull, history, verify."""
     promote = commands.add_parser("promote", help="move alias `production` if the version wins at every shared budget")
     promote.add_argument("--model", required=True, help="registered model name")
     promote.add_argument("--version", required=True)
@@ -311,7 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--alias", help="the alias to check (default production)")
     which.add_argument("--version", help="the version to check")
     verify.set_defaults(handler=_verify)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

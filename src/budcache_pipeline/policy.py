@@ -8,7 +8,6 @@ could make a deployment behave differently from the search.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 
 from budcache_pipeline.atomic import write_text_atomic
+from budcache_pipeline.model_identity import model_fingerprint, weights_digest
+
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 _FLOAT_DIGITS = 9
@@ -30,7 +31,6 @@ _TOP_LEVEL_FIELDS = {1: _V1_FIELDS, 2: _V1_FIELDS | {"forecast"}}
 FORECASTS = ("reuse", "linear")
 _MODEL_FIELDS = {"name", "fingerprint"}
 _OPTIONAL_MODEL_FIELDS = {"weights_digest"}
-_DIGEST_SAMPLES = 4096
 
 
 class PolicyError(ValueError):
@@ -55,40 +55,6 @@ def _round_floats(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_round_floats(v) for v in value]
     return value
-
-
-def model_fingerprint(transformer: torch.nn.Module) -> str:
-    """Identify a transformer by its class, config and parameter shapes/dtypes.
-
-    Two models that share this fingerprint run the same computation graph, so a
-    policy searched on one is valid on the other; weights are not hashed because
-    deployments load the same architecture in other precisions or devices.
-    """
-    config = getattr(transformer, "config", {})
-    config_items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    shapes = [(name, list(p.shape)) for name, p in transformer.named_parameters()]
-    payload = json.dumps(
-        {"class": type(transformer).__name__, "config": config_items, "parameters": shapes},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def weights_digest(transformer: torch.nn.Module) -> str:
-    """Identify a transformer's parameter values, so a fine-tune or a fused LoRA is told from its base.
-
-    Hashes a strided sample of every tensor rounded to bfloat16: cheap on a 12B model, and the
-    same weights loaded in float32 or bfloat16, on any device, give the same digest.
-    """
-    digest = hashlib.sha256()
-    for name, parameter in transformer.named_parameters():
-        flat = parameter.detach().reshape(-1)
-        stride = max(1, flat.numel() // _DIGEST_SAMPLES)
-        sample = flat[::stride][:_DIGEST_SAMPLES].to("cpu", torch.bfloat16).view(torch.int16)
-        digest.update(name.encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -273,6 +239,18 @@ def _require_type(name: str, value: Any, kind: type | tuple[type, ...], fix: str
 
 def _validate(data: Any) -> None:
     """Reject every policy that could not be deployed exactly as searched."""
+    version = _check_schema_version(data)
+    _check_top_level_fields(data, version)
+    _check_mask(data["mask"], data["steps"], data["budget"])
+    if data["sigmas"] is not None:
+        _check_sigmas(data["sigmas"], data["steps"])
+    _check_model(data["model"])
+    _require_type("provenance", data["provenance"], dict, "an object")
+    _round_floats(data["provenance"])
+
+
+def _check_schema_version(data: Any) -> int:
+    """The policy's schema version, once it is one this code reads."""
     if not isinstance(data, dict):
         raise PolicyError(f"policy must be a JSON object, got {type(data).__name__}")
     if "schema_version" not in data:
@@ -284,6 +262,11 @@ def _validate(data: Any) -> None:
             f"field 'schema_version' is {version}, this version of budcache reads {list(READABLE_SCHEMA_VERSIONS)}: "
             "re-export the policy with a matching budcache version"
         )
+    return version
+
+
+def _check_top_level_fields(data: dict[str, Any], version: int) -> None:
+    """Exactly the fields of `version`, and from version 2 a known forecast."""
     fields = _TOP_LEVEL_FIELDS[version]
     missing = sorted(fields - data.keys())
     if missing:
@@ -298,7 +281,9 @@ def _validate(data: Any) -> None:
         if data["forecast"] not in FORECASTS:
             raise PolicyError(f"field 'forecast' is {data['forecast']!r}: use one of {list(FORECASTS)}")
 
-    mask, steps, budget = data["mask"], data["steps"], data["budget"]
+
+def _check_mask(mask: Any, steps: Any, budget: Any) -> None:
+    """One boolean per step, `budget` of them true, step 0 among them."""
     _require_type("mask", mask, list, "a list of booleans")
     _check_mask_entries(mask)
     _require_type("steps", steps, int, "an integer")
@@ -312,20 +297,23 @@ def _validate(data: Any) -> None:
     if not mask[0]:
         raise PolicyError("field 'mask' caches step 0, which has nothing to reuse: set mask[0] to true")
 
-    sigmas = data["sigmas"]
-    if sigmas is not None:
-        _require_type("sigmas", sigmas, list, "a list of numbers or null")
-        _check_sigma_entries(sigmas)
-        if not all(math.isfinite(s) for s in sigmas):
-            raise PolicyError("field 'sigmas' contains NaN or infinity: use finite values")
-        if len(sigmas) != steps + 1:
-            raise PolicyError(f"field 'sigmas' has {len(sigmas)} values, expected steps + 1 = {steps + 1}")
-        if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
-            raise PolicyError("field 'sigmas' must be strictly decreasing: sort it and remove repeats")
-        if sigmas[-1] != 0:
-            raise PolicyError(f"field 'sigmas' must end at 0, ends at {sigmas[-1]}: append the final 0")
 
-    model = data["model"]
+def _check_sigmas(sigmas: Any, steps: int) -> None:
+    """A finite, strictly decreasing schedule of steps + 1 values that ends at 0."""
+    _require_type("sigmas", sigmas, list, "a list of numbers or null")
+    _check_sigma_entries(sigmas)
+    if not all(math.isfinite(s) for s in sigmas):
+        raise PolicyError("field 'sigmas' contains NaN or infinity: use finite values")
+    if len(sigmas) != steps + 1:
+        raise PolicyError(f"field 'sigmas' has {len(sigmas)} values, expected steps + 1 = {steps + 1}")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+        raise PolicyError("field 'sigmas' must be strictly decreasing: sort it and remove repeats")
+    if sigmas[-1] != 0:
+        raise PolicyError(f"field 'sigmas' must end at 0, ends at {sigmas[-1]}: append the final 0")
+
+
+def _check_model(model: Any) -> None:
+    """The model's name and fingerprint (and optionally its weights digest), all strings."""
     _require_type("model", model, dict, "an object with 'name' and 'fingerprint'")
     if not _MODEL_FIELDS <= set(model) <= _MODEL_FIELDS | _OPTIONAL_MODEL_FIELDS:
         raise PolicyError(
@@ -334,10 +322,6 @@ def _validate(data: Any) -> None:
         )
     for key in sorted(model):
         _require_type(f"model.{key}", model[key], str, "a string")
-
-    provenance = data["provenance"]
-    _require_type("provenance", provenance, dict, "an object")
-    _round_floats(provenance)
 
 
 def _check_mask_entries(mask: Sequence[Any]) -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +198,30 @@ def prepare_prompts(
         raise PromptFileError(f"holdout_fraction must be strictly between 0 and 1, got {holdout_fraction}")
     if "prompt" not in raw.columns:
         raise PromptFileError(f"{source} has no 'prompt' column (found {list(raw.columns)})")
+    cleaned = _clean_rows(raw, source, salt)
+    _check_enough_prompts(cleaned, source)
+    frame, rebalanced = _assign_splits(cleaned.rows, holdout_fraction)
+    return frame.reset_index(drop=True), _summary(raw, frame, cleaned, holdout_fraction, salt, rebalanced)
 
-    rows: list[dict[str, Any]] = []
+
+@dataclass
+class _Cleaned:
+    """The distinct prompts in file order (with their holdout score) and the counts of what was dropped or derived."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    empty: int = 0
+    duplicates: int = 0
+    derived: int = 0
+
+
+def _clean_rows(raw: pd.DataFrame, source: str, salt: str) -> _Cleaned:
+    """Normalise each prompt, drop empty and repeated ones, check or derive its seed; errors name the row."""
+    cleaned = _Cleaned()
     seen: set[str] = set()
-    empty = duplicates = derived = 0
     for row, record in enumerate(raw.to_dict("records"), start=1):
         text = record["prompt"]
         if _is_missing(text):
-            empty += 1
+            cleaned.empty += 1
             continue
         if not isinstance(text, str):
             raise PromptFileError(
@@ -214,13 +231,13 @@ def prepare_prompts(
         seed = _parse_seed(record.get("seed"), f"{source} row {row}")
         key = prompt_key(prompt)
         if key in seen:
-            duplicates += 1
+            cleaned.duplicates += 1
             continue
         seen.add(key)
         if seed is None:
             seed = prompt_seed(prompt)
-            derived += 1
-        rows.append(
+            cleaned.derived += 1
+        cleaned.rows.append(
             {
                 "prompt_id": key[:12],
                 "prompt": prompt,
@@ -229,27 +246,43 @@ def prepare_prompts(
                 "score": holdout_score(prompt, salt),
             }
         )
+    return cleaned
 
-    if not rows:
-        raise PromptFileError(f"{source}: no prompts left after dropping {empty} empty row(s): the prompt file is empty")
-    if len(rows) < len(SPLITS):
+
+def _check_enough_prompts(cleaned: _Cleaned, source: str) -> None:
+    """At least one distinct prompt per split, or an error that says what was dropped."""
+    if not cleaned.rows:
         raise PromptFileError(
-            f"{source} has {len(rows)} distinct prompt after dropping {duplicates} duplicate(s) and {empty} empty "
-            f"row(s) (case and spacing are ignored): the calibration and holdout splits need at least "
-            f"{len(SPLITS)} distinct prompts, add more"
+            f"{source}: no prompts left after dropping {cleaned.empty} empty row(s): the prompt file is empty"
         )
+    if len(cleaned.rows) < len(SPLITS):
+        raise PromptFileError(
+            f"{source} has {len(cleaned.rows)} distinct prompt after dropping {cleaned.duplicates} duplicate(s) and "
+            f"{cleaned.empty} empty row(s) (case and spacing are ignored): the calibration and holdout splits need "
+            f"at least {len(SPLITS)} distinct prompts, add more"
+        )
+
+
+def _assign_splits(rows: list[dict[str, Any]], holdout_fraction: float) -> tuple[pd.DataFrame, int]:
+    """The prompts with their split (held out below `holdout_fraction`) and whether one moved to fill an empty split."""
     frame = pd.DataFrame(rows)
     frame["split"] = ["holdout" if s < holdout_fraction else "calibration" for s in frame["score"]]
     rebalanced = _ensure_both_splits(frame, holdout_fraction)
     frame = frame.drop(columns="score").astype({"seed": "int64", "prompt": str, "category": str, "split": str})
+    return frame, rebalanced
 
+
+def _summary(
+    raw: pd.DataFrame, frame: pd.DataFrame, cleaned: _Cleaned, holdout_fraction: float, salt: str, rebalanced: int
+) -> dict[str, Any]:
+    """What was read, dropped and derived, and the split's sizes overall and per category."""
     counts = frame.groupby(["category", "split"]).size()
-    summary = {
+    return {
         "rows_read": len(raw),
-        "empty_dropped": empty,
-        "duplicates_dropped": duplicates,
+        "empty_dropped": cleaned.empty,
+        "duplicates_dropped": cleaned.duplicates,
         "prompts": len(frame),
-        "seeds_derived": derived,
+        "seeds_derived": cleaned.derived,
         "holdout_fraction": holdout_fraction,
         "salt": salt,
         "rebalanced": rebalanced,
@@ -259,7 +292,6 @@ def prepare_prompts(
             for category in sorted(frame["category"].unique())
         },
     }
-    return frame.reset_index(drop=True), summary
 
 
 def _ensure_both_splits(frame: pd.DataFrame, holdout_fraction: float) -> int:

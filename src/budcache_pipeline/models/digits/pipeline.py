@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,16 @@ MODEL_INDEX_FILE = "model_index.json"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Local folders only; low_cpu_mem_usage=False because it would want `accelerate` for no gain at this size.
 _LOCAL = {"local_files_only": True, "low_cpu_mem_usage": False}
+
+
+@dataclass
+class _Conditioning:
+    """What the transformer sees besides the latents at every step; a step-end callback may replace `prompt_embeds`."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor
+    latent_image_ids: torch.Tensor
 
 
 class DigitsFluxPipeline(DiffusionPipeline):
@@ -185,26 +196,13 @@ class DigitsFluxPipeline(DiffusionPipeline):
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(
-            prompt,
-            height,
-            width,
-            prompt_embeds,
-            pooled_prompt_embeds,
-            output_type,
-            callback_on_step_end_tensor_inputs,
+            prompt, height, width, prompt_embeds, pooled_prompt_embeds, output_type, callback_on_step_end_tensor_inputs
         )
         self._joint_attention_kwargs = joint_attention_kwargs
         self._current_timestep = None
         self._interrupt = False
-
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
-
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt,
             prompt_embeds=prompt_embeds,
@@ -212,21 +210,38 @@ class DigitsFluxPipeline(DiffusionPipeline):
             device=device,
             num_images_per_prompt=num_images_per_prompt,
         )
-
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            num_channels_latents,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
+            batch_size * num_images_per_prompt, num_channels_latents, height, width, prompt_embeds.dtype, device,
+            generator, latents,
         )
+        timesteps = self._timesteps(num_inference_steps, sigmas, latents.shape[1], device)
+        if self.joint_attention_kwargs is None:
+            self._joint_attention_kwargs = {}
+        conditioning = _Conditioning(prompt_embeds, pooled_prompt_embeds, text_ids, latent_image_ids)
+        latents = self._denoise(
+            latents, timesteps, conditioning, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        image = self._to_output(latents, height, width, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return FluxPipelineOutput(images=image)
 
+    @staticmethod
+    def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
+        """Prompts in the call, before `num_images_per_prompt` repeats them."""
+        if prompt is not None and isinstance(prompt, str):
+            return 1
+        if prompt is not None and isinstance(prompt, list):
+            return len(prompt)
+        return prompt_embeds.shape[0]
+
+    def _timesteps(
+        self, num_inference_steps: int, sigmas: list[float] | None, image_seq_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """Set the scheduler to FluxPipeline's schedule: linear sigmas by default, shifted by `mu` for this size."""
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
-        image_seq_len = latents.shape[1]
         mu = calculate_shift(
             image_seq_len,
             self.scheduler.config.get("base_image_seq_len", 256),
@@ -234,54 +249,61 @@ class DigitsFluxPipeline(DiffusionPipeline):
             self.scheduler.config.get("base_shift", 0.5),
             self.scheduler.config.get("max_shift", 1.15),
         )
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
-        )
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         self._num_timesteps = len(timesteps)
-        if self.joint_attention_kwargs is None:
-            self._joint_attention_kwargs = {}
+        return timesteps
 
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: _Conditioning,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> torch.Tensor:
+        """FluxPipeline's loop: one transformer call in cache context "cond" and one Euler step per timestep."""
         self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                with self.transformer.cache_context("cond"):
-                    noise_pred = self.transformer(
-                        hidden_states=latents,
-                        timestep=timestep / 1000,
-                        guidance=None,
-                        pooled_projections=pooled_prompt_embeds,
-                        encoder_hidden_states=prompt_embeds,
-                        txt_ids=text_ids,
-                        img_ids=latent_image_ids,
-                        joint_attention_kwargs=self.joint_attention_kwargs,
-                        return_dict=False,
-                    )[0]
+                noise_pred = self._predict_noise(latents, t, conditioning)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    tensors = {"latents": latents, "prompt_embeds": conditioning.prompt_embeds}
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    conditioning.prompt_embeds = callback_outputs.pop("prompt_embeds", conditioning.prompt_embeds)
                 progress_bar.update()
         self._current_timestep = None
+        return latents
 
+    def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, conditioning: _Conditioning) -> torch.Tensor:
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        with self.transformer.cache_context("cond"):
+            return self.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=None,
+                pooled_projections=conditioning.pooled_prompt_embeds,
+                encoder_hidden_states=conditioning.prompt_embeds,
+                txt_ids=conditioning.text_ids,
+                img_ids=conditioning.latent_image_ids,
+                joint_attention_kwargs=self.joint_attention_kwargs,
+                return_dict=False,
+            )[0]
+
+    def _to_output(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> Any:
+        """Packed latents as `output_type` asks: themselves, or decoded images as tensors, arrays or PIL."""
         if output_type == "latent":
-            image = latents
-        else:
-            image = self.decode_latents(latents, height, width)
-            if output_type != "pt":
-                image = VaeImageProcessor.pt_to_numpy(image)
-                if output_type == "pil":
-                    image = VaeImageProcessor.numpy_to_pil(image)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+            return latents
+        image = self.decode_latents(latents, height, width)
+        if output_type == "pt":
+            return image
+        image = VaeImageProcessor.pt_to_numpy(image)
+        return VaeImageProcessor.numpy_to_pil(image) if output_type == "pil" else image
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write the diffusers-style folder that `from_pretrained` reads (one subfolder per component)."""

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,127 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class _TrainingSet:
+    """What every step draws from: the packed images in [-1, 1], their labels, every caption wording, position ids."""
+
+    x0: torch.Tensor
+    labels: torch.Tensor
+    captions: torch.Tensor
+    digit_names: torch.Tensor
+    txt_ids: torch.Tensor
+    img_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step's examples: captions (`ids`) and the same without the digit's name, clean and noised images."""
+
+    ids: torch.Tensor
+    uncond_ids: torch.Tensor
+    x0: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor
+    x_t: torch.Tensor
+
+
+def _training_set(
+    pipe: DigitsFluxPipeline, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> _TrainingSet:
+    tokenizer = pipe.tokenizer
+    return _TrainingSet(
+        x0=DigitsFluxPipeline._pack_latents(images * 2.0 - 1.0, len(images), 1, IMAGE_SIZE, IMAGE_SIZE),
+        labels=labels,
+        captions=_caption_table(tokenizer),
+        digit_names=torch.tensor([tokenizer.encode(w)[0] for w in (*NUMBER_WORDS, *map(str, range(10)))]),
+        txt_ids=torch.zeros(TEXT_MAX_LENGTH, 3),
+        img_ids=DigitsFluxPipeline._prepare_latent_image_ids(
+            batch_size, IMAGE_SIZE // 2, IMAGE_SIZE // 2, "cpu", torch.float32
+        ),
+    )
+
+
+def _sample_batch(
+    data: _TrainingSet,
+    tokenizer: DigitsTokenizer,
+    batch_size: int,
+    shift: float,
+    unk_probability: float,
+    uncond_probability: float,
+    generator: torch.Generator,
+) -> _Batch:
+    """Draw examples, fresh caption wordings with words dropped to `<unk>`, noise and noise levels."""
+    index = torch.randint(0, len(data.x0), (batch_size,), generator=generator)
+    wording = torch.randint(0, data.captions.shape[1], (batch_size,), generator=generator)
+    ids = data.captions[data.labels[index], wording]
+    is_name = torch.isin(ids, data.digit_names)
+    drop = torch.rand(ids.shape, generator=generator) < unk_probability
+    ids[drop & (ids != tokenizer.pad_id) & ~is_name] = tokenizer.unk_id
+    uncond_ids = ids.masked_fill(is_name, tokenizer.unk_id)
+    no_name = torch.rand(batch_size, generator=generator) < uncond_probability
+    ids[no_name] = uncond_ids[no_name]
+    x0 = data.x0[index]
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = _sample_sigmas(batch_size, shift, generator)
+    x_t = (1.0 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    return _Batch(ids=ids, uncond_ids=uncond_ids, x0=x0, noise=noise, sigma=sigma, x_t=x_t)
+
+
+def _velocity(
+    pipe: DigitsFluxPipeline, ids: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, data: _TrainingSet
+) -> torch.Tensor:
+    """The model's velocity prediction for noised images `x_t` at levels `sigma` under captions `ids`."""
+    hidden, pooled = pipe.text_encoder(ids)
+    return pipe.transformer(
+        hidden_states=x_t,
+        timestep=sigma,
+        guidance=None,
+        pooled_projections=pooled,
+        encoder_hidden_states=hidden,
+        txt_ids=data.txt_ids,
+        img_ids=data.img_ids,
+        return_dict=False,
+    )[0]
+
+
+def _guided_target(
+    pipe: DigitsFluxPipeline,
+    data: _TrainingSet,
+    batch: _Batch,
+    pred: torch.Tensor,
+    weight: float,
+    guided_rows: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """e - x0, plus on `guided_rows` random rows the model-guidance term scaled so its expectation is unchanged."""
+    target = batch.noise - batch.x0
+    if weight > 0.0:
+        batch_size = len(batch.x0)
+        rows = torch.randperm(batch_size, generator=generator)[:guided_rows]
+        with torch.no_grad():
+            uncond = _velocity(pipe, batch.uncond_ids[rows], batch.x_t[rows], batch.sigma[rows], data)
+        target[rows] += weight * batch_size / guided_rows * (pred.detach()[rows] - uncond)
+    return target
+
+
+def _optimizer(
+    params: list[torch.nn.Parameter], lr: float, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without weight decay, with `_lr_factor`'s warm-up (a tenth of the run, at most 200 steps) and decay."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    warmup = max(1, min(200, steps // 10))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, warmup))
+
+
+def _update_ema(
+    ema_params: list[torch.nn.Parameter], params: list[torch.nn.Parameter], step: int, ema_decay: float
+) -> None:
+    """Move the EMA weights towards the live ones; the decay ramps up so that the first steps do not linger."""
+    decay = min(ema_decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
 def train_generator(
     pipe: DigitsFluxPipeline,
     images: torch.Tensor,
@@ -125,74 +247,26 @@ def train_generator(
         raise ValueError(f"guided_fraction must lie in (0, 1], got {guided_fraction}")
     guided_rows = max(1, round(guided_fraction * batch_size))
     generator = torch.Generator().manual_seed(seed)
-    x0_all = DigitsFluxPipeline._pack_latents(images * 2.0 - 1.0, len(images), 1, IMAGE_SIZE, IMAGE_SIZE)
-    captions = _caption_table(pipe.tokenizer)
-    digit_names = torch.tensor([pipe.tokenizer.encode(w)[0] for w in (*NUMBER_WORDS, *map(str, range(10)))])
-    img_ids = DigitsFluxPipeline._prepare_latent_image_ids(
-        batch_size, IMAGE_SIZE // 2, IMAGE_SIZE // 2, "cpu", torch.float32
-    )
-    txt_ids = torch.zeros(TEXT_MAX_LENGTH, 3)
+    data = _training_set(pipe, images, labels, batch_size)
     modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder])
     ema = copy.deepcopy(modules).requires_grad_(False)
     params, ema_params = list(modules.parameters()), list(ema.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
-    warmup = max(1, min(200, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, warmup))
+    optimizer, schedule = _optimizer(params, lr, steps)
     shift = float(pipe.scheduler.config.shift)
     losses: list[float] = []
     modules.train()
     bar = tqdm(range(steps), desc="train digits model", disable=not progress)
     for step in bar:
-        index = torch.randint(0, len(x0_all), (batch_size,), generator=generator)
-        wording = torch.randint(0, captions.shape[1], (batch_size,), generator=generator)
-        ids = captions[labels[index], wording]
-        is_name = torch.isin(ids, digit_names)
-        drop = torch.rand(ids.shape, generator=generator) < unk_probability
-        ids[drop & (ids != pipe.tokenizer.pad_id) & ~is_name] = pipe.tokenizer.unk_id
-        uncond_ids = ids.masked_fill(is_name, pipe.tokenizer.unk_id)
-        no_name = torch.rand(batch_size, generator=generator) < uncond_probability
-        ids[no_name] = uncond_ids[no_name]
-        x0 = x0_all[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = _sample_sigmas(batch_size, shift, generator)
-        x_t = (1.0 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        hidden, pooled = pipe.text_encoder(ids)
-        pred = pipe.transformer(
-            hidden_states=x_t,
-            timestep=sigma,
-            guidance=None,
-            pooled_projections=pooled,
-            encoder_hidden_states=hidden,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
-        target = noise - x0
+        batch = _sample_batch(data, pipe.tokenizer, batch_size, shift, unk_probability, uncond_probability, generator)
+        pred = _velocity(pipe, batch.ids, batch.x_t, batch.sigma, data)
         weight = _guidance_weight(step, steps, guidance_weight)
-        if weight > 0.0:
-            rows = torch.randperm(batch_size, generator=generator)[:guided_rows]
-            with torch.no_grad():
-                uncond_hidden, uncond_pooled = pipe.text_encoder(uncond_ids[rows])
-                uncond = pipe.transformer(
-                    hidden_states=x_t[rows],
-                    timestep=sigma[rows],
-                    guidance=None,
-                    pooled_projections=uncond_pooled,
-                    encoder_hidden_states=uncond_hidden,
-                    txt_ids=txt_ids,
-                    img_ids=img_ids,
-                    return_dict=False,
-                )[0]
-            target[rows] += weight * batch_size / guided_rows * (pred.detach()[rows] - uncond)
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, _guided_target(pipe, data, batch, pred, weight, guided_rows, generator))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
         schedule.step()
-        decay = min(ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        _update_ema(ema_params, params, step, ema_decay)
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
