@@ -10,6 +10,7 @@ import torch
 
 from budcache_pipeline.bench_fid import FID_BUDGETS, bench_fid_comparison
 from budcache_pipeline.models.adapter import Size
+from budcache_pipeline.search.config import SearchConfig
 
 QUALITY_BUDGETS = (14, 10, 7, 5, 4, 3)
 QUALITY_STEPS = 28
@@ -17,7 +18,7 @@ ALIGN_MAX_BUDGET_FRACTION = 0.3
 QUALITY_GOALS = {"ratio": 0.60, "multi_over_single": 0.70, "reuse_over_naive": 0.40, "search_seconds": 30.0}
 # Half the library's default SA and HC work: on the default model at 32 calibration pairs it found
 # the same masks as the defaults at every budget (linear forecast), in ~75% of the time.
-QUALITY_SEARCH_OPTIONS = {"sa_iterations": 100, "hc_rounds": 10}
+QUALITY_SEARCH = SearchConfig(sa_iterations=100, hc_rounds=10)
 
 
 def default_prompt_sets(
@@ -46,7 +47,7 @@ def bench_quality(
     prompt_sets: tuple[Sequence[tuple[str, int, int]], Sequence[tuple[str, int, int]]] | None = None,
     size: int = 16,
     baselines: Sequence[str] | None = None,
-    search_options: dict[str, Any] | None = None,
+    search: SearchConfig = QUALITY_SEARCH,
     align: bool = True,
     align_iterations: int = 40,
     forecast: str = "linear",
@@ -63,9 +64,10 @@ def bench_quality(
     on the first pair alone, as the published code calibrates) and every baseline's
     bisection; the table compares all of them on the held-out pairs. `adapter` defaults
     to the shipped default model; image metrics come from its quality plug-in.
-    `forecast` is the searched policies' forecast ("reuse" is the paper's plain reuse).
-    `fid_samples` > 0 adds the FID comparison of `bench_fid` at `fid_budgets` on that many more
-    held-out pairs (the default model's prompt sets; its judge embeds the images).
+    `search` is the BudCache search's settings and `forecast` the searched policies' forecast
+    ("reuse" is the paper's plain reuse). `fid_samples` > 0 adds the FID comparison of
+    `bench_fid` at `fid_budgets` on that many more held-out pairs (the default model's
+    prompt sets; its judge embeds the images).
     """
     import pathlib
 
@@ -100,7 +102,6 @@ def bench_quality(
         s for _, _, s in calibration_pairs
     ) & set(s for _, _, s in holdout_pairs):
         raise ValueError("calibration and held-out pairs must share no prompt and no seed")
-    options = {"progress": False, **QUALITY_SEARCH_OPTIONS, **(search_options or {})}
     out = pathlib.Path(out_dir) if out_dir is not None else None
     timings: dict[str, float] = {}
 
@@ -152,7 +153,7 @@ def bench_quality(
                 extra["teacache"] = teacache_mask(tea_by_budget[budget], source, budget)
             clock, cpu_clock = time.perf_counter(), time.process_time()
             objective = MaskObjective(adapter, ref, forecast=forecast)
-            result = search_policy(objective, budget, extra_starts=extra, **options)
+            result = search_policy(objective, budget, search, extra_starts=extra)
             seconds = time.perf_counter() - clock
             entry[label] = {"result": result, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_clock}
             progress(
@@ -217,7 +218,7 @@ def bench_quality(
         "steps": steps,
         "size": size,
         "threads": torch.get_num_threads(),
-        "search_options": {k: v for k, v in options.items() if k != "progress"},
+        "search_options": search.to_dict(),
         "baselines": baselines,
         "calibration_prompts": [p for p, _, _ in calibration_pairs],
         "holdout_prompts": [p for p, _, _ in holdout_pairs],
