@@ -51,7 +51,7 @@ def _number(name: str, value: Any, ok: Any, wanted: str) -> float:
     return float(value)
 
 
-def start_names(name: str, value: Any) -> tuple[str, ...]:
+def _start_names(name: str, value: Any) -> tuple[str, ...]:
     """Built-in start names, each once, as a tuple (extra starts are masks passed to `search_policy`)."""
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise _refusal(name, value, f"a list of start names from {list(BUILTIN_STARTS)}")
@@ -105,7 +105,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         checked = {
-            "starts": start_names("starts", self.starts),
+            "starts": _start_names("starts", self.starts),
             "forced": _forced(self.forced),
             "seed": _integer("seed", self.seed, None, "an integer"),
             "sa_iterations": _integer("sa_iterations", self.sa_iterations, 0, "an integer >= 0 (0: no annealing)"),
@@ -140,9 +140,9 @@ class SearchConfig:
                 f"{list(TIGHT_KEYS)}; the node also reads {sorted(RUN_KEYS)}"
             )
         given = {k: params[k] for k in settings if k in params}
-        starts = start_names("starts", params.get("starts", DEFAULT_STARTS))
+        starts = _start_names("starts", params.get("starts", DEFAULT_STARTS))
         tight = params.get("tight_starts")
-        tight = start_names("tight_starts", tight) if tight else tight
+        tight = _start_names("tight_starts", tight) if tight else tight
         given["starts"] = starts_for_budget(budget, steps, starts, tight, params.get("tight_budget_fraction"))
         return cls(**given)
 
@@ -151,12 +151,11 @@ class SearchConfig:
 
         Policies searched with the defaults read as they did before the last fields were settings.
         """
-        defaults = SearchConfig.__dataclass_fields__
         data: dict[str, Any] = {}
-        for name in [f.name for f in fields(self)]:
-            value = getattr(self, name)
-            if name in RECORDED_ALWAYS or value != defaults[name].default:
-                data[name] = list(value) if isinstance(value, tuple) else value
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in RECORDED_ALWAYS or value != field.default:
+                data[field.name] = list(value) if isinstance(value, tuple) else value
         return data
 
     @classmethod
