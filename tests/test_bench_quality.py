@@ -12,6 +12,7 @@ from budcache_pipeline.bench_quality import bench_quality
 from budcache_pipeline.bench_quality_report import format_quality_table
 from budcache_pipeline.models.digits.prompt_sets import benchmark_prompt_sets as quality_prompt_sets
 from budcache_pipeline.console import main
+from budcache_pipeline.search import SearchConfig
 from tests.conftest import tiny_flux_pipeline
 from tests.fakes import flux_adapter
 
@@ -43,7 +44,7 @@ def result(figures) -> dict:
         adapter=flux_adapter(tiny_flux_pipeline()),
         size=64,
         baselines=("uniform", "teacache", "first_block_cache", "first_block_cache@blocks"),
-        search_options={"starts": ("uniform",), "sa_iterations": 6, "hc_rounds": 1},
+        search=SearchConfig(starts=("uniform",), sa_iterations=6, hc_rounds=1),
         align_iterations=2,
         timing_images=1,
         out_dir=str(figures),

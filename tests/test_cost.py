@@ -19,7 +19,7 @@ from budcache_pipeline.cost import (
 )
 from budcache_pipeline.known_models import FLUX_1_DEV, WAN21_T2V_1_3B
 from budcache_pipeline.models.spec import load_adapter
-from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
+from budcache_pipeline.search import MaskObjective, SearchConfig, compute_reference, search_policy
 from budcache_pipeline.search.prefix_store import state_bytes
 
 STEPS = 6
@@ -32,7 +32,7 @@ def _searched_states(adapter_name: str, forecast: str) -> tuple[object, list[tup
     size = adapter.tiny_size
     reference = compute_reference(adapter, PROMPTS, [0, 1, 2], STEPS, size, progress=False)
     objective = MaskObjective(adapter, reference, forecast=forecast)
-    search_policy(objective, 3, starts=("uniform",), sa_iterations=4, hc_rounds=1, progress=False, screen_samples=None)
+    search_policy(objective, 3, SearchConfig(starts=("uniform",), sa_iterations=4, hc_rounds=1, screen_samples=None))
     states = [state for state, _ in objective.prefix_store._device.values()]
     assert states, "the search stored no prefix states"
     return adapter, [(s.step, s.latents.shape[0], state_bytes(s)) for s in states]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from budcache_pipeline.models.adapter import Size
+from budcache_pipeline.search.config import TIGHT_KEYS, SearchConfig
 
 ABLATION_BUDGETS = (14, 10, 7, 5, 4, 3)
 _PHASES_OFF = {"sa_iterations": 0, "hc_rounds": 0}
@@ -26,9 +28,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Search variants by their phases; options not named are the Kedro default's (`kedro`), and a variant
 that names its starts uses them at every budget."""
-_SEARCH_KEYS = ("starts", "tight_starts", "tight_budget_fraction", "forced", "seed", "sa_iterations", "hc_rounds",
-                "screen_samples", "dp_samples")
-_TIGHT_KEYS = ("tight_starts", "tight_budget_fraction")
+_SEARCH_KEYS = (*(f.name for f in fields(SearchConfig)), *TIGHT_KEYS)
 COLUMNS = ["budget", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
            "search_seconds", "mask"]
 
@@ -65,7 +65,7 @@ def bench_ablation(
 ) -> pd.DataFrame:
     """One row per (budget, variant): calibration and held-out MSE, cost in calibration rollouts, mask."""
     from budcache_pipeline.bench_quality import default_prompt_sets
-    from budcache_pipeline.search import MaskObjective, compute_reference, search_policy, starts_for_budget
+    from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
     from budcache_pipeline.search.objective import mask_key
 
     budgets = sorted({int(b) for b in budgets}, reverse=True)
@@ -87,12 +87,8 @@ def bench_ablation(
     for budget in budgets:
         for name, chosen in everything.items():
             clock = time.perf_counter()
-            options = {k: v for k, v in chosen.items() if k not in _TIGHT_KEYS}
-            options["starts"] = starts_for_budget(
-                budget, steps, chosen["starts"], chosen.get("tight_starts"), chosen.get("tight_budget_fraction")
-            )
-            result = search_policy(MaskObjective(adapter, references[0], forecast=forecast), budget,
-                                   progress=False, **options)
+            config = SearchConfig.from_params(chosen, budget, steps)
+            result = search_policy(MaskObjective(adapter, references[0], forecast=forecast), budget, config)
             rows.append({"budget": budget, "variant": name, "calibration_mse": result.loss,
                          "holdout_mse": holdout(result.mask), "calibration_rollouts": result.cost["calibration_rollouts"],
                          "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
@@ -107,7 +103,7 @@ def bench_ablation(
 def _variant(kedro_options: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str, Any]:
     options = {**kedro_options, **variant}
     if "starts" in variant:
-        for key in _TIGHT_KEYS:
+        for key in TIGHT_KEYS:
             options.pop(key, None)
     return options
 

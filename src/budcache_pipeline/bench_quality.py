@@ -32,7 +32,7 @@ from budcache_pipeline.evaluation import (
 )
 from budcache_pipeline.metrics import latent_mse
 from budcache_pipeline.models.adapter import Size
-from budcache_pipeline.search import MaskObjective, align_schedule, compute_reference, search_policy
+from budcache_pipeline.search import MaskObjective, SearchConfig, align_schedule, compute_reference, search_policy
 from budcache_pipeline.search.objective import mask_key
 
 QUALITY_BUDGETS = (14, 10, 7, 5, 4, 3)
@@ -44,7 +44,7 @@ QUALITY_BASELINES = (
 ALIGN_MAX_BUDGET_FRACTION = 0.3
 # Half the library's default SA and HC work: on the default model at 32 calibration pairs it found
 # the same masks as the defaults at every budget (linear forecast), in ~75% of the time.
-QUALITY_SEARCH_OPTIONS = {"sa_iterations": 100, "hc_rounds": 10}
+QUALITY_SEARCH = SearchConfig(sa_iterations=100, hc_rounds=10)
 
 Pairs = Sequence[tuple[str, int, int]]
 
@@ -106,12 +106,12 @@ class _Bench:
                            {b: e["multi"]["result"].history for b, e in searches.items()}, finals, quality.decode,
                            self.steps)
 
-    def search(self, label: str, budget: int, options: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    def search(self, label: str, budget: int, config: SearchConfig, extra: dict[str, Any]) -> dict[str, Any]:
         """The search on the calibration set (`multi`) or its first pair (`single`), timed."""
         clock, cpu_clock = time.perf_counter(), time.process_time()
         objective = MaskObjective(self.adapter, self.references["single" if label == "single" else "calibration"],
                                   forecast=self.forecast)
-        result = search_policy(objective, budget, extra_starts=extra, **options)
+        result = search_policy(objective, budget, config, extra_starts=extra)
         seconds = time.perf_counter() - clock
         self.progress(
             f"search ({label}) B={budget}: loss {result.loss:.4g} in {seconds:.1f} s, "
@@ -168,7 +168,7 @@ def _search_methods(
     budgets: Sequence[int],
     calibration: RolloutSet,
     calibrations: Sequence[Calibration],
-    options: dict[str, Any],
+    search: SearchConfig,
     align_iterations: int | None,
 ) -> tuple[dict[int, dict[str, Any]], list[EvalMethod]]:
     """Per budget the searches (TeaCache's mask as an extra start), the alignment at tight budgets, and
@@ -180,7 +180,7 @@ def _search_methods(
         entry: dict[str, Any] = {}
         for label, data in (("multi", calibration), ("single", calibration.subset(slice(0, 1)))):
             extra = {"teacache": teacache_mask(tea_by_budget[budget], data, budget)} if budget in tea_by_budget else {}
-            entry[label] = bench.search(label, budget, options, extra)
+            entry[label] = bench.search(label, budget, search, extra)
         multi, single = entry["multi"]["result"], entry["single"]["result"]
         methods.append(EvalMethod("budcache", budget, FixedPolicy(multi.mask, forecast=bench.forecast),
                                   {"calibration_loss": multi.loss}))
@@ -206,7 +206,7 @@ def bench_quality(
     prompt_sets: tuple[Pairs, Pairs] | None = None,
     size: int = 16,
     baselines: Sequence[str] = QUALITY_BASELINES,
-    search_options: dict[str, Any] | None = None,
+    search: SearchConfig = QUALITY_SEARCH,
     align: bool = True,
     align_iterations: int = 40,
     forecast: str = "linear",
@@ -220,21 +220,21 @@ def bench_quality(
     """Searched policies against every heuristic at matched budgets, judged on held-out prompts and seeds.
 
     `baselines` are evaluate-pipeline entries (`name` or `name@blocks`). `adapter` defaults to
-    the shipped default model; image metrics come from its quality plug-in. `forecast` is the
-    searched policies' forecast ("reuse" is the paper's plain reuse). `fid_samples` > 0 adds the
+    the shipped default model; image metrics come from its quality plug-in. `search` is the
+    BudCache search's settings and `forecast` the searched policies' forecast ("reuse" is the
+    paper's plain reuse). `fid_samples` > 0 adds the
     FID comparison of `bench_fid` at `fid_budgets` on that many more held-out pairs.
     """
     started = time.perf_counter()
     budgets = _checked_budgets(budgets, steps, fid_samples)
     adapter, model = _adapter_and_label(adapter)
     calibration_pairs, holdout_pairs = _checked_pairs(prompt_sets or default_prompt_sets(calibration_size, holdout_size))
-    options = {"progress": False, **QUALITY_SEARCH_OPTIONS, **(search_options or {})}
     bench = _Bench(adapter, model, steps, size, forecast, progress, pathlib.Path(out_dir) if out_dir else None)
     calibration, holdout = bench.compute_references(calibration_pairs, holdout_pairs)
     calibrator = BaselineCalibrator(calibration)
     calibrations, unreachable = bench.timed("baseline_calibration_seconds", calibrate_baselines,
                                             calibrator, baselines, budgets, progress)
-    searches, methods = _search_methods(bench, budgets, calibration, calibrations, options,
+    searches, methods = _search_methods(bench, budgets, calibration, calibrations, search,
                                         align_iterations if align else None)
     methods += [EvalMethod(c.name, c.budget, c.method, c.info()) for c in calibrations]
     quality = adapter.quality_metrics(bench.references["holdout"], [str(c) for _, c, _ in holdout_pairs]) \
@@ -247,7 +247,7 @@ def bench_quality(
                       progress) if fid_samples else None
     bench.plot(table, searches, finals, quality)
     bench.timings["total_seconds"] = time.perf_counter() - started
-    settings = _settings(bench, calibration_pairs, holdout_pairs, options, baselines, align_iterations)
+    settings = _settings(bench, calibration_pairs, holdout_pairs, search, baselines, align_iterations)
     summary = quality_summary(table, searches, calibrations, budgets, _per_sample_mse(finals, holdout))
     summary.update(run_record(adapter.transformer, calibrator, calibrations, unreachable, bench.timings, settings,
                               table))
@@ -263,7 +263,7 @@ def _per_sample_mse(finals: dict[tuple[str, int], torch.Tensor], holdout: Rollou
 
 
 def _settings(
-    bench: _Bench, calibration_pairs: Pairs, holdout_pairs: Pairs, options: dict[str, Any],
+    bench: _Bench, calibration_pairs: Pairs, holdout_pairs: Pairs, search: SearchConfig,
     baselines: Sequence[str], align_iterations: int,
 ) -> dict[str, Any]:
     """What the bench ran with, so that a reader can reproduce it."""
@@ -276,7 +276,7 @@ def _settings(
         "steps": bench.steps,
         "size": bench.size,
         "threads": torch.get_num_threads(),
-        "search_options": {k: v for k, v in options.items() if k != "progress"},
+        "search_options": search.to_dict(),
         "baselines": list(baselines),
         "calibration_prompts": [p for p, _, _ in calibration_pairs],
         "holdout_prompts": [p for p, _, _ in holdout_pairs],

@@ -206,6 +206,7 @@ def time_loop(adapter: Any, size: Any, steps: int, mask: Sequence[bool] | None, 
 
 def probe_search(adapter: Any, model: KnownModel, probe: SearchProbe, size: Any) -> dict[str, Any]:
     """Reference of `probe.prompts` pairs, then a short search of one budget: seconds, rollouts, state and GPU bytes."""
+    from budcache_pipeline.search.config import SearchConfig
     from budcache_pipeline.search.engine import search_policy
     from budcache_pipeline.search.objective import MaskObjective
     from budcache_pipeline.search.reference import compute_reference
@@ -221,8 +222,9 @@ def probe_search(adapter: Any, model: KnownModel, probe: SearchProbe, size: Any)
     _reset_peak(device)
     objective = MaskObjective(adapter, reference, forecast="linear", max_state_bytes=probe.max_state_bytes)
     started = time.perf_counter()
-    result = search_policy(objective, probe.budget, starts=probe.starts, dp_samples=probe.dp_samples,
-                           sa_iterations=probe.sa_iterations, hc_rounds=probe.hc_rounds, progress=False)
+    config = SearchConfig(starts=probe.starts, dp_samples=probe.dp_samples, sa_iterations=probe.sa_iterations,
+                          hc_rounds=probe.hc_rounds)
+    result = search_policy(objective, probe.budget, config)
     synchronize(device)
     seconds = time.perf_counter() - started
     rollouts = float(result.cost["calibration_rollouts"])

@@ -7,7 +7,7 @@ import pytest
 
 from budcache_pipeline.pipelines.common import load_model, model_size
 from budcache_pipeline.pipelines.search.nodes import calibration_subset, search_budget
-from budcache_pipeline.search import compute_reference
+from budcache_pipeline.search import SearchSetupError, compute_reference
 from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 
 
@@ -89,3 +89,13 @@ def test_tight_budgets_search_from_the_tight_starts_and_the_policy_says_so(tmp_p
     assert [s["start"] for s in tight_summary["starts"]] == ["uniform"]
     with pytest.raises(ValueError, match="tight_budget_fraction must be a number in \\(0, 1\\)"):
         search_budget(reference, prompts, MODEL, {**params, "tight_budget_fraction": 1.5}, 2)
+
+
+def test_an_unknown_search_parameter_is_refused_by_name_before_any_search(tmp_path):
+    adapter = load_model(MODEL)
+    prompts = pd.DataFrame({"prompt": [f"prompt {i}" for i in range(4)], "seed": list(range(4))})
+    reference = compute_reference(adapter, prompts["prompt"].tolist(), prompts["seed"].tolist(), 8,
+                                  model_size(adapter, MODEL), progress=False)
+    with pytest.raises(SearchSetupError, match="unknown search parameter\\(s\\) \\['sa_iteration'\\]"):
+        search_budget(reference, prompts, MODEL, {**SEARCH, "sa_iteration": 3, "checkpoint_dir": str(tmp_path)}, 4)
+    assert not any(tmp_path.iterdir()), "no checkpoint was started"

@@ -8,19 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from budcache_pipeline.models.spec import ModelSpec, load_adapter
-from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
+from budcache_pipeline.search import MaskObjective, SearchConfig, compute_reference, search_policy
 from budcache_pipeline.search.distributed import Shard
 from budcache_pipeline.search.reference import save_reference
 from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 
 MODEL = {"adapter": "flux", "weights": "tiny", "height": 16, "width": 16, "steps": 10, "torch_threads": 1}
-SEARCH = {"starts": ["dp", "uniform"], "seed": 0, "sa_iterations": 20, "hc_rounds": 2, "progress": False,
-          "screen_samples": 4, "dp_samples": 4}
+SEARCH = SearchConfig(starts=("dp", "uniform"), seed=0, sa_iterations=20, hc_rounds=2, screen_samples=4, dp_samples=4)
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -47,7 +47,8 @@ def test_two_processes_find_the_one_process_mask_with_losses_within_rounding(tmp
     for k in (1, 2):
         job = tmp_path / f"job{k}.json"
         job.write_text(json.dumps({"model": MODEL, "reference": str(tmp_path / "ref"), "budget": 4,
-                                   "torch_threads": 1, "search": SEARCH, "result": str(tmp_path / f"result{k}.json"),
+                                   "torch_threads": 1, "search": SEARCH.to_dict(),
+                                   "result": str(tmp_path / f"result{k}.json"),
                                    "checkpoint": str(tmp_path / f"checkpoint{k}.json")}))
         done = _run(job, k)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -84,13 +85,12 @@ def test_a_killed_rank_ends_the_run_with_a_clear_message_and_a_rerun_resumes_to_
     prompts = [f"prompt {i}" for i in range(8)]
     reference = compute_reference(adapter, prompts, list(range(8)), 10, size, progress=False)
     save_reference(reference, tmp_path / "ref")
-    search = {**SEARCH, "sa_iterations": 120}
-    settings = {**search, "starts": tuple(search["starts"])}
-    expected = search_policy(MaskObjective(adapter, reference), 4, **settings)
+    search = replace(SEARCH, sa_iterations=120)
+    expected = search_policy(MaskObjective(adapter, reference), 4, search)
     checkpoint, result = tmp_path / "checkpoint.json", tmp_path / "result.json"
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"model": MODEL, "reference": str(tmp_path / "ref"), "budget": 4, "torch_threads": 1,
-                               "search": search, "result": str(result), "checkpoint": str(checkpoint)}))
+                               "search": search.to_dict(), "result": str(result), "checkpoint": str(checkpoint)}))
     command = [str(TORCHRUN), "--standalone", "--nproc-per-node=2",
                "-m", "budcache_pipeline.search.search_worker", str(job)]
     # The lowest CPU priority, so that this process wakes in time to kill rank 1 mid-search.

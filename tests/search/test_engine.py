@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -12,6 +13,9 @@ import torch
 from budcache_pipeline.policy import uniform_mask
 from budcache_pipeline.search import (
     MaskObjective,
+    ProgressBar,
+    SearchConfig,
+    SearchProgress,
     SearchSetupError,
     latent_mse_per_sample,
     result_to_policy,
@@ -21,12 +25,16 @@ from budcache_pipeline.search.phases import RACE_FROM, SA_CHUNK
 from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 from tests.search.conftest import STEPS, assert_same_up_to_loss_tolerance, close
 
-FAST = dict(sa_iterations=30, hc_rounds=3, progress=False, dp_samples=3, race_margin=None)
+FAST = SearchConfig(sa_iterations=30, hc_rounds=3, dp_samples=3, race_margin=None)
 LOSS_COLUMNS = ["current_loss", "best_loss"]
 
 
 class Stop(Exception):
     pass
+
+
+def fast(**changes) -> SearchConfig:
+    return replace(FAST, **changes)
 
 
 def to_policy(result, created_at="2026-01-01T00:00:00+00:00"):
@@ -73,7 +81,7 @@ def jittered_mse(seed: int, relative: float):
 
 
 def test_search_keeps_the_budget_and_beats_every_start(objective):
-    result = search_policy(objective, 4, forced=(0, 6), **FAST)
+    result = search_policy(objective, 4, fast(forced=(0, 6)))
     assert sum(result.mask) == 4 and result.mask[0] and result.mask[6]
     assert result.loss == objective(result.mask)
     assert result.loss <= min(s["initial_loss"] for s in result.starts)
@@ -100,8 +108,8 @@ def test_search_keeps_the_budget_and_beats_every_start(objective):
 
 
 def test_same_inputs_and_seed_give_a_byte_identical_policy(adapter, reference):
-    first = to_policy(search_policy(MaskObjective(adapter, reference), 3, seed=3, **FAST)).to_json()
-    second = to_policy(search_policy(MaskObjective(adapter, reference), 3, seed=3, **FAST)).to_json()
+    first = to_policy(search_policy(MaskObjective(adapter, reference), 3, fast(seed=3))).to_json()
+    second = to_policy(search_policy(MaskObjective(adapter, reference), 3, fast(seed=3))).to_json()
     assert first == second
     policy = json.loads(first)
     assert policy["provenance"]["cost"]["block_stack_calls"] > 0 and "wall_seconds" not in policy["provenance"]["cost"]
@@ -109,41 +117,41 @@ def test_same_inputs_and_seed_give_a_byte_identical_policy(adapter, reference):
 
 
 def test_a_killed_search_resumes_from_its_checkpoint_and_ends_with_the_same_policy(adapter, reference, tmp_path):
-    settings = dict(starts=("uniform", "random"), seed=1, screen_samples=3, **FAST)
-    uninterrupted = search_policy(MaskObjective(adapter, reference), 4, **settings)
+    config = fast(starts=("uniform", "random"), seed=1, screen_samples=3)
+    uninterrupted = search_policy(MaskObjective(adapter, reference), 4, config)
     checkpoint = tmp_path / "search.json"
 
     def kill_at(phase, iteration):
-        def callback(where):
-            if where["phase"] == phase and where["iteration"] >= iteration:
+        def progress(where: SearchProgress):
+            if where.phase == phase and where.iteration >= iteration:
                 raise Stop
 
-        return callback
+        return progress
 
     with pytest.raises(Stop):
-        search_policy(MaskObjective(adapter, reference), 4, checkpoint=checkpoint, callback=kill_at("sa", 25), **settings)
+        search_policy(MaskObjective(adapter, reference), 4, config, checkpoint=checkpoint, progress=kill_at("sa", 25))
     with pytest.raises(Stop):
-        search_policy(MaskObjective(adapter, reference), 4, checkpoint=checkpoint, callback=kill_at("hc", 1), **settings)
+        search_policy(MaskObjective(adapter, reference), 4, config, checkpoint=checkpoint, progress=kill_at("hc", 1))
     resumed_objective = MaskObjective(adapter, reference)
-    resumed = search_policy(resumed_objective, 4, checkpoint=checkpoint, **settings)
+    resumed = search_policy(resumed_objective, 4, config, checkpoint=checkpoint)
     # The resumed search reads the killed runs' losses from the checkpoint and computes the
     # rest from the noise, in other batch compositions than the uninterrupted search did.
     assert_same_search(resumed, uninterrupted)
-    again = search_policy(resumed_objective, 4, checkpoint=checkpoint, **settings)
+    again = search_policy(resumed_objective, 4, config, checkpoint=checkpoint)
     assert json.dumps(again.to_dict()) == json.dumps(resumed.to_dict()), "a finished checkpoint returns its result"
     with pytest.raises(SearchSetupError, match="seed"):
-        search_policy(resumed_objective, 4, checkpoint=checkpoint, **{**settings, "seed": 2})
+        search_policy(resumed_objective, 4, replace(config, seed=2), checkpoint=checkpoint)
 
 
 def test_batch_shapes_and_thread_counts_change_no_mask(adapter, reference):
-    settings = dict(starts=("uniform", "random"), seed=2, **FAST)
-    batched = search_policy(MaskObjective(adapter, reference), 4, **settings)
+    config = fast(starts=("uniform", "random"), seed=2)
+    batched = search_policy(MaskObjective(adapter, reference), 4, config)
     one_candidate_per_forward = MaskObjective(adapter, reference, max_rows_per_forward=len(reference))
-    assert_same_search(search_policy(one_candidate_per_forward, 4, **settings), batched)
+    assert_same_search(search_policy(one_candidate_per_forward, 4, config), batched)
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if threads == 1 else 1)
     try:
-        other_threads = search_policy(MaskObjective(adapter, reference), 4, **settings)
+        other_threads = search_policy(MaskObjective(adapter, reference), 4, config)
     finally:
         torch.set_num_threads(threads)
     assert_same_search(other_threads, batched)
@@ -151,16 +159,28 @@ def test_batch_shapes_and_thread_counts_change_no_mask(adapter, reference):
 
 def test_losses_that_differ_within_the_tolerance_choose_the_same_masks(adapter, reference):
     """Each evaluation's own error below half the tolerance: two such losses of a mask are within it."""
-    exact = search_policy(MaskObjective(adapter, reference), 4, seed=4, **FAST)
+    exact = search_policy(MaskObjective(adapter, reference), 4, fast(seed=4))
     for seed in (0, 1):
         loss = jittered_mse(seed, LOSS_RELATIVE_TOLERANCE / 2)
-        jittered = search_policy(MaskObjective(adapter, reference, loss=loss), 4, seed=4, **FAST)
+        jittered = search_policy(MaskObjective(adapter, reference, loss=loss), 4, fast(seed=4))
         assert jittered.loss != exact.loss, "the jitter reaches the losses the search compares"
         assert_same_search(jittered, exact)
 
 
+def test_progress_is_reported_after_every_checkpoint_up_to_the_whole_search(objective, capsys):
+    seen: list[SearchProgress] = []
+    result = search_policy(objective, 4, fast(starts=("uniform", "random")), progress=seen.append)
+    phases = [w.phase for w in seen]
+    assert phases[:5] == ["start", "sa", "sa", "sa", "hc"] and set(phases[5:-1]) <= {"hc"} and phases[-1] == "done"
+    assert all(w.budget == 4 and w.total == 2 * (30 + 3) for w in seen)
+    assert [w.done for w in seen] == sorted(w.done for w in seen) and seen[-1].done == seen[-1].total
+    assert seen[-1].best == result.loss and {w.start for w in seen if w.phase == "hc"} >= {"uniform", "random"}
+    search_policy(objective, 4, fast(starts=("uniform",)), progress=ProgressBar())
+    assert "search B=4: 100%" in capsys.readouterr().err
+
+
 def test_racing_retires_starts_that_fall_behind(objective):
-    raced = search_policy(objective, 4, **{**FAST, "sa_iterations": 60, "race_margin": 0.0})
+    raced = search_policy(objective, 4, fast(sa_iterations=60, race_margin=0.0))
     retired = [s for s in raced.starts if s["retired_at"] is not None]
     checks = range(SA_CHUNK, 60, SA_CHUNK)
     assert retired and all(s["retired_at"] in checks and s["retired_at"] >= 60 * RACE_FROM for s in retired)
@@ -172,23 +192,23 @@ def test_racing_retires_starts_that_fall_behind(objective):
 
 def test_extra_starts_and_trivial_budgets(objective):
     teacache_like = [True, True, False, False, False, False, False, False, False, True, False, False]
-    result = search_policy(objective, 3, starts=("uniform",), extra_starts={"teacache": teacache_like}, **FAST)
+    result = search_policy(objective, 3, fast(starts=("uniform",)), extra_starts={"teacache": teacache_like})
     assert [s["start"] for s in result.starts] == ["uniform", "teacache"]
     assert result.starts[1]["initial_mask"] == teacache_like
-    full = search_policy(objective, STEPS, **FAST)
+    full = search_policy(objective, STEPS, FAST)
     assert full.mask == [True] * STEPS and full.loss == pytest.approx(0.0, abs=1e-10)
-    only_forced = search_policy(objective, 2, forced=(0, 5), starts=("dp", "random"), **FAST)
+    only_forced = search_policy(objective, 2, fast(forced=(0, 5), starts=("dp", "random")))
     assert [i for i, m in enumerate(only_forced.mask) if m] == [0, 5]
 
 
 def test_bad_search_inputs_are_refused(objective):
     with pytest.raises(SearchSetupError, match="exceeds"):
-        search_policy(objective, STEPS + 1, **FAST)
+        search_policy(objective, STEPS + 1, FAST)
     with pytest.raises(SearchSetupError, match="do not fit"):
-        search_policy(objective, 2, forced=(0, 3, 5), **FAST)
+        search_policy(objective, 2, fast(forced=(0, 3, 5)))
     with pytest.raises(SearchSetupError, match="unknown start"):
-        search_policy(objective, 3, starts=("best",), **FAST)
+        search_policy(objective, 3, fast(starts=("best",)))
     with pytest.raises(SearchSetupError, match="computes 4 steps"):
-        search_policy(objective, 3, extra_starts={"x": uniform_mask(STEPS, 4)}, **FAST)
+        search_policy(objective, 3, FAST, extra_starts={"x": uniform_mask(STEPS, 4)})
     with pytest.raises(SearchSetupError, match="forced"):
-        search_policy(objective, 3, forced=(0, 1), extra_starts={"x": uniform_mask(STEPS, 3)}, **FAST)
+        search_policy(objective, 3, fast(forced=(0, 1)), extra_starts={"x": uniform_mask(STEPS, 3)})

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from budcache_pipeline.sampling import RolloutState
-from budcache_pipeline.search import MaskObjective, search_policy
+from budcache_pipeline.search import MaskObjective, SearchConfig, search_policy
 from budcache_pipeline.search.prefix_store import PrefixStore, parse_bytes, state_bytes
 from budcache_pipeline.search.tolerance import LOSS_RELATIVE_TOLERANCE
 from tests.search.conftest import STEPS, random_mask
 
-FAST = dict(sa_iterations=30, hc_rounds=3, progress=False, dp_samples=3, race_margin=None, seed=2)
+FAST = SearchConfig(sa_iterations=30, hc_rounds=3, dp_samples=3, race_margin=None, seed=2)
 
 
 def one_state_bytes(adapter, reference) -> int:
@@ -24,7 +24,7 @@ def test_a_search_under_a_byte_bound_finds_the_same_policy_and_stays_under_it(ad
     bound = 3 * one_state_bytes(adapter, reference)
     free = MaskObjective(adapter, reference, max_cached_states=10_000)
     tight = MaskObjective(adapter, reference, max_cached_states=10_000, max_state_bytes=bound)
-    unbounded, bounded = search_policy(free, 4, **FAST), search_policy(tight, 4, **FAST)
+    unbounded, bounded = search_policy(free, 4, FAST), search_policy(tight, 4, FAST)
     assert bounded.mask == unbounded.mask
     assert bounded.loss == pytest.approx(unbounded.loss, rel=LOSS_RELATIVE_TOLERANCE), "other batch shapes"
     stats = tight.stats

@@ -7,8 +7,10 @@ from budcache_pipeline.search.alignment import (
     aligned_policy,
     holdout_losses,
 )
-from budcache_pipeline.search.engine import DEFAULT_STARTS, SearchResult, result_to_policy, search_policy
+from budcache_pipeline.search.config import DEFAULT_STARTS, SearchConfig
+from budcache_pipeline.search.engine import SearchResult, result_to_policy, search_policy
 from budcache_pipeline.search.objective import MaskObjective, latent_mse_per_sample, mask_key
+from budcache_pipeline.search.progress import ProgressBar, SearchProgress
 from budcache_pipeline.search.reference import (
     ReferenceSetError,
     ReferenceSet,
@@ -21,8 +23,11 @@ __all__ = [
     "DEFAULT_STARTS",
     "AlignmentResult",
     "MaskObjective",
+    "ProgressBar",
     "ReferenceSetError",
     "ReferenceSet",
+    "SearchConfig",
+    "SearchProgress",
     "SearchResult",
     "SearchSetupError",
     "accept_alignment",

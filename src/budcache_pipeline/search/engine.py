@@ -27,31 +27,23 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from budcache_pipeline.atomic import write_text_atomic
 from budcache_pipeline.cost import search_rollouts
 from budcache_pipeline.policy import CachePolicy, provenance_now
+from budcache_pipeline.search.config import SearchConfig
 from budcache_pipeline.search.distributed import Shard
-from budcache_pipeline.search.hill_climbing import CONFIRM, FAR_JUMPS
 from budcache_pipeline.search.objective import MaskObjective, mask_key
-from budcache_pipeline.search.phases import PhaseSettings, SearchRun
-from budcache_pipeline.search.starts import (
-    BUILTIN_STARTS,
-    SearchSetupError,
-    check_mask,
-    normalise_forced,
-)
+from budcache_pipeline.search.phases import SearchRun
+from budcache_pipeline.search.progress import ProgressCallback
+from budcache_pipeline.search.starts import SearchSetupError, check_mask, normalise_forced
 
-DEFAULT_STARTS = ("dp", "uniform", "front_loaded", "random")
-DEFAULT_SCREEN_SAMPLES = 4
-DEFAULT_RACE_MARGIN = 0.25
 CHECKPOINT_VERSION = 1
 HISTORY_COLUMNS = ["iteration", "phase", "start", "objective", "temperature", "current_loss", "best_loss"]
 _DETERMINISTIC_COST_KEYS = (
@@ -198,24 +190,14 @@ class _CostMeter:
 
 
 def _starts(
-    objective: MaskObjective,
-    budget: int,
-    forced: tuple[int, ...],
-    starts: Sequence[str],
-    extra_starts: dict[str, Sequence[bool]] | None,
+    objective: MaskObjective, budget: int, config: SearchConfig, extra_starts: dict[str, Sequence[bool]] | None
 ) -> dict[str, list[bool] | None]:
     """Start names in order, with the masks given by the caller (built-in ones are built lazily)."""
-    names: dict[str, list[bool] | None] = {}
-    for name in starts:
-        if name not in BUILTIN_STARTS:
-            raise SearchSetupError(f"unknown start {name!r}: use one of {BUILTIN_STARTS} or pass it in extra_starts")
-        if name in names:
-            raise SearchSetupError(f"start {name!r} is listed twice")
-        names[name] = None
+    names: dict[str, list[bool] | None] = dict.fromkeys(config.starts)
     for name, mask in (extra_starts or {}).items():
         if name in names:
             raise SearchSetupError(f"extra start {name!r} clashes with a start of the same name: rename it")
-        names[name] = check_mask(mask, objective.steps, budget, forced, name=f"extra start {name!r}")
+        names[name] = check_mask(mask, objective.steps, budget, config.forced, name=f"extra start {name!r}")
     if not names:
         raise SearchSetupError("no starts given: pass at least one start or extra start")
     return names
@@ -223,26 +205,27 @@ def _starts(
 
 def _signature(
     objective: MaskObjective,
-    settings: PhaseSettings,
+    budget: int,
+    config: SearchConfig,
     names: dict[str, list[bool] | None],
     screen: MaskObjective | None,
 ) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: every setting, the starts, the reference and the model."""
     return {
-        "budget": settings.budget,
+        "budget": budget,
         "steps": objective.steps,
-        "forced": list(settings.forced),
+        "forced": list(config.forced),
         "starts": {name: mask_key(mask) if mask is not None else None for name, mask in names.items()},
-        "seed": settings.seed,
-        "sa_iterations": settings.sa_iterations,
-        "t_start": settings.t_start,
-        "t_end": settings.t_end,
-        "hc_rounds": settings.hc_rounds,
+        "seed": config.seed,
+        "sa_iterations": config.sa_iterations,
+        "t_start": config.t_start,
+        "t_end": config.t_end,
+        "hc_rounds": config.hc_rounds,
         "screen_pairs": len(screen) if screen is not None else 0,
-        "race_margin": settings.race_margin,
-        "dp_samples": settings.dp_samples,
-        "hc_confirm": settings.hc_confirm,
-        "hc_far_jumps": settings.hc_far_jumps,
+        "race_margin": config.race_margin,
+        "dp_samples": config.dp_samples,
+        "hc_confirm": config.hc_confirm,
+        "hc_far_jumps": config.hc_far_jumps,
         "reference": objective.manifest.get("prompts_seeds_sha256"),
         "model_fingerprint": objective.manifest.get("model_fingerprint"),
         "sigmas": objective.schedule,
@@ -251,77 +234,55 @@ def _signature(
     }
 
 
+def _for_budget(config: SearchConfig, steps: int, budget: int) -> tuple[SearchConfig, list[bool] | None]:
+    """The settings the phases run (forced positions normalised) and the one mask that fits, if only one does."""
+    if budget > steps:
+        raise SearchSetupError(f"budget {budget} exceeds the {steps} steps of the reference")
+    config = replace(config, forced=normalise_forced(config.forced, steps, budget))
+    if budget == len(config.forced) or budget == steps:
+        only = [p in config.forced for p in range(steps)] if budget < steps else [True] * steps
+        return replace(config, sa_iterations=0, hc_rounds=0), only
+    return config, None
+
+
 def search_policy(
     objective: MaskObjective,
     budget: int,
+    config: SearchConfig = SearchConfig(),
     *,
-    starts: Sequence[str] = DEFAULT_STARTS,
     extra_starts: dict[str, list[bool]] | None = None,
-    forced: Sequence[int] = (0,),
-    seed: int = 0,
-    sa_iterations: int = 200,
-    t_start: float = 5e-2,
-    t_end: float = 1e-5,
-    hc_rounds: int = 20,
     checkpoint: Path | None = None,
-    progress: bool = True,
-    screen_samples: int | None = DEFAULT_SCREEN_SAMPLES,
-    race_margin: float | None = DEFAULT_RACE_MARGIN,
-    dp_samples: int = DEFAULT_SCREEN_SAMPLES,
-    hc_confirm: int = CONFIRM,
-    hc_far_jumps: int = FAR_JUMPS,
-    callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SearchResult:
-    """Best mask with exactly `budget` compute steps, by SA then HC from each start.
+    """Best mask with exactly `budget` compute steps, by SA then HC from each start (`SearchConfig`).
 
-    All starts anneal in lockstep, chunk by chunk, their proposals sharing forwards.
-    `screen_samples`: anneal on that many evenly strided calibration pairs and let HC
-    rank its neighbours on them, confirming the best `hc_confirm` on the full set; every
-    start's initial and final loss and every HC decision use the full set (None:
-    everything on the full set). `race_margin`: after each chunk past the first tenth of
-    annealing (`RACE_FROM`), retire a start whose best loss is more than this fraction
-    above the leader's (None: every start runs to the end). `callback` is called after every
-    checkpoint with where the search is (raising from it stops the search; the
-    checkpoint stays).
+    All starts anneal in lockstep, chunk by chunk, their proposals sharing forwards, on the
+    screening subset; every start's initial and final loss and every HC decision use the
+    full set. `extra_starts`: named masks to start from besides the config's starts (e.g.
+    a TeaCache-derived one). `checkpoint`: a file the search saves to after every chunk and
+    resumes from. `progress` is called after every checkpoint with where the search is
+    (`progress.ProgressBar` draws a bar; raising from it stops the search, the checkpoint stays).
     """
-    steps = objective.steps
-    if budget > steps:
-        raise SearchSetupError(f"budget {budget} exceeds the {steps} steps of the reference")
-    forced_positions = normalise_forced(forced, steps, budget)
-    if sa_iterations < 0 or hc_rounds < 0 or (race_margin is not None and race_margin < 0):
-        raise SearchSetupError(
-            f"sa_iterations and hc_rounds must be >= 0 and race_margin >= 0 or None, got {sa_iterations}, "
-            f"{hc_rounds} and {race_margin}"
-        )
-    names = _starts(objective, budget, forced_positions, starts, extra_starts)
-    only = None
-    if budget == len(forced_positions) or budget == steps:
-        # A single mask fits: nothing to search.
-        only = [p in forced_positions for p in range(steps)] if budget < steps else [True] * steps
-        sa_iterations = hc_rounds = 0
-    screen = objective.subset(screen_samples) if screen_samples else None
+    config, only = _for_budget(config, objective.steps, budget)
+    names = _starts(objective, budget, config, extra_starts)
+    screen = objective.subset(config.screen_samples) if config.screen_samples else None
     screen = screen if screen is not objective else None
-    settings = PhaseSettings(budget, forced_positions, seed, sa_iterations, t_start, t_end, hc_rounds,
-                             race_margin, dp_samples, hc_confirm, hc_far_jumps)
-    signature = _signature(objective, settings, names, screen)
-    state = _Checkpoint(checkpoint, signature, objective.shard)
+    state = _Checkpoint(checkpoint, _signature(objective, budget, config, names, screen), objective.shard)
     if state.data.get("result") is not None:
         return SearchResult.from_dict(state.data["result"])
     objective.load_memo(state.data.get("memo", {}).get("full", {}))
     if screen is not None:
         screen.load_memo(state.data.get("memo", {}).get("screen", {}))
     meter = _CostMeter(objective, screen, state.data.get("cost"))
-    total = len(names) * (sa_iterations + hc_rounds)
-    bar = tqdm(total=total, desc=f"search B={budget}", unit="it", disable=not progress or not objective.shard.is_main)
-    run = SearchRun(objective, screen, state, meter, settings, bar, callback)
+    run = SearchRun(objective, screen, state, meter, config, budget, progress)
     run.start(names, only)
     run.anneal()
     run.confirm()
     run.climb()
-    bar.close()
     result = _best_of(run, meter, objective, budget)
     state.data["result"] = result.to_dict()
     state.save()
+    run.report("done", 0, result.loss)
     return result
 
 

@@ -2,44 +2,31 @@
 
 `search_policy` builds a `SearchRun` and calls its phases in order. Every phase reads and
 extends the checkpoint's chains (one per start), saves after each chunk of work and reports
-where it is through the callback, so a run killed in any phase resumes where it stopped.
+where it is to the progress callback, so a run killed in any phase resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from budcache_pipeline.search.annealing import AnnealState, anneal_many, evaluate_many
+from budcache_pipeline.search.config import SearchConfig
 from budcache_pipeline.search.hill_climbing import ClimbState, climb_round
 from budcache_pipeline.search.objective import MaskObjective, key_mask, mask_key
+from budcache_pipeline.search.progress import ProgressCallback, SearchProgress
 from budcache_pipeline.search.starts import start_mask
 
 SA_CHUNK = 10
 RACE_FROM = 0.1
 
 
-@dataclass(frozen=True)
-class PhaseSettings:
-    """The knobs the phases use (validated by `search_policy`)."""
-
-    budget: int
-    forced: tuple[int, ...]
-    seed: int
-    sa_iterations: int
-    t_start: float
-    t_end: float
-    hc_rounds: int
-    race_margin: float | None
-    dp_samples: int
-    hc_confirm: int
-    hc_far_jumps: int
-
-
 class SearchRun:
-    """One budget's search over the checkpoint's chains: the objectives, the cost meter and the progress bar."""
+    """One budget's search over the checkpoint's chains: the objectives, the cost meter and the progress callback.
+
+    `config` is the search's, with its forced positions normalised (and no iterations when a
+    single mask fits the budget).
+    """
 
     def __init__(
         self,
@@ -47,35 +34,47 @@ class SearchRun:
         screen: MaskObjective | None,
         state: Any,
         meter: Any,
-        settings: PhaseSettings,
-        bar: Any,
-        callback: Callable[[dict[str, Any]], None] | None,
+        config: SearchConfig,
+        budget: int,
+        progress: ProgressCallback | None,
     ) -> None:
         self.objective, self.screen, self.state, self.meter = objective, screen, state, meter
-        self.settings, self.bar, self.callback = settings, bar, callback
+        self.config, self.budget, self.progress = config, budget, progress
         self.sa_objective = screen or objective
         self.source = "screen" if screen is not None else "full"
         self.chains: list[dict[str, Any]] = state.data.setdefault("chains", [])
 
-    def save(self, where: dict[str, Any]) -> None:
-        """Checkpoint the chains, the memoised losses of budget-sized masks and the cost so far."""
-        budget = self.settings.budget
+    def save(self, phase: str, iteration: int, best: float | None = None, start: str | None = None) -> None:
+        """Checkpoint the chains, the memoised losses of budget-sized masks and the cost so far; report it."""
+        budget = self.budget
         self.state.data["memo"] = {
             "full": {k: v for k, v in self.objective.memo().items() if k.count("1") == budget},
             "screen": {k: v for k, v in self.screen.memo().items() if k.count("1") == budget} if self.screen else {},
         }
         self.state.data["cost"] = self.meter.now()
         self.state.save()
-        if self.callback is not None:
-            self.callback(where)
+        self.report(phase, iteration, best, start)
+
+    def report(self, phase: str, iteration: int, best: float | None = None, start: str | None = None) -> None:
+        """Tell the progress callback where the search is (raising from it stops the search here)."""
+        if self.progress is None:
+            return
+        c = self.config
+        done = sum(
+            c.sa_iterations + c.hc_rounds if chain["status"] in ("retired", "done")
+            else chain["sa"]["iteration"] + (chain.get("hc") or {}).get("round", 0)
+            for chain in self.chains
+        )
+        total = len(self.chains) * (c.sa_iterations + c.hc_rounds)
+        self.progress(SearchProgress(self.budget, phase, iteration, done, total, best, start))
 
     def start(self, names: dict[str, list[bool] | None], only: list[bool] | None) -> None:
         """Each start's initial mask and its losses on the full set and the annealing set (once per search)."""
-        s = self.settings
+        s = self.config
         if not self.chains:
             initial = {
                 name: given if given is not None else only if only is not None
-                else start_mask(name, self.objective, s.budget, s.forced, s.seed, s.dp_samples)
+                else start_mask(name, self.objective, self.budget, s.forced, s.seed, s.dp_samples)
                 for name, given in names.items()
             }
             full_losses = self.objective.evaluate_many(list(initial.values()))
@@ -90,16 +89,11 @@ class SearchRun:
                     "sa": AnnealState.begin(mask, sa_loss, random.Random(f"{s.seed}:{name}:sa")).to_dict(),
                     "history": [],
                 })
-            self.save({"phase": "start", "iteration": 0})
-        self.bar.update(sum(
-            s.sa_iterations + s.hc_rounds if c["status"] in ("retired", "done")
-            else c["sa"]["iteration"] + (c.get("hc") or {}).get("round", 0)
-            for c in self.chains
-        ))
+            self.save("start", 0, min(full_losses))
 
     def anneal(self) -> None:
         """All running starts anneal in lockstep, chunk by chunk; starts far behind the leader retire."""
-        s = self.settings
+        s = self.config
         while True:
             running = [c for c in self.chains if c["status"] == "sa" and c["sa"]["iteration"] < s.sa_iterations]
             if not running:
@@ -116,15 +110,12 @@ class SearchRun:
                 for chain in running:
                     if chain["sa"]["best_loss"] > leader * (1 + s.race_margin):
                         chain["status"], chain["retired_at"] = "retired", stop
-                        self.bar.update(s.sa_iterations - stop + s.hc_rounds)
-            self.bar.set_postfix(best=f"{min(c['sa']['best_loss'] for c in running):.4g}")
-            self.save({"phase": "sa", "iteration": stop})
+            self.save("sa", stop, min(c["sa"]["best_loss"] for c in running))
 
     def _record(self, chain: dict[str, Any], row: dict[str, Any]) -> None:
         chain["history"].append({"iteration": row["iteration"], "phase": "sa", "start": chain["start"],
                                  "objective": self.source, "temperature": row["temperature"],
                                  "current_loss": row["current_loss"], "best_loss": row["best_loss"]})
-        self.bar.update(1)
 
     def confirm(self) -> None:
         """Each start's annealed best on the full set; a start that annealed worse climbs from its initial mask."""
@@ -138,13 +129,13 @@ class SearchRun:
                 begin, begin_loss = (chain["sa"]["best"], loss) if loss <= chain["initial_loss"] else (
                     chain["initial"], chain["initial_loss"])
                 chain["status"] = "hc"
-                rng = random.Random(f"{self.settings.seed}:{chain['start']}:hc")
+                rng = random.Random(f"{self.config.seed}:{chain['start']}:hc")
                 chain["hc"] = ClimbState.begin(key_mask(begin), begin_loss, rng).to_dict()
-        self.save({"phase": "hc", "iteration": 0})
+        self.save("hc", 0, min(c["sa_loss"] for c in self.chains))
 
     def climb(self) -> None:
         """Hill climbing per start on the full set (neighbours ranked on the screening subset, the best confirmed)."""
-        s = self.settings
+        s = self.config
         for chain in self.chains:
             if chain["status"] != "hc":
                 continue
@@ -155,10 +146,7 @@ class SearchRun:
                                          "start": chain["start"], "objective": "full", "temperature": None,
                                          "current_loss": state.current_loss, "best_loss": state.current_loss})
                 chain["hc"] = state.to_dict()
-                self.bar.update(1)
-                self.bar.set_postfix(start=chain["start"], best=f"{state.current_loss:.4g}")
-                self.save({"start": chain["start"], "phase": "hc", "iteration": state.round})
-            self.bar.update(s.hc_rounds - state.round)
+                self.save("hc", state.round, state.current_loss, chain["start"])
             chain["status"] = "done"
 
     def outcomes(self) -> list[dict[str, Any]]:

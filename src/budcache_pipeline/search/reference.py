@@ -213,58 +213,26 @@ def compute_reference(
     batches are the only ones a rerun computes.
     """
     shard = shard or Shard()
-    if shard.distributed and out_dir is None:
-        raise ReferenceSetError("a sharded reference needs out_dir: the ranks share their batches through it")
-    prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
-    if not prompts:
-        raise ReferenceSetError("no prompts: a reference set needs at least one (prompt, seed) pair")
-    if len(prompts) != len(seeds):
-        raise ReferenceSetError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-    if steps < 1 or batch_size < 1:
-        raise ReferenceSetError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    prompts, seeds = _checked_pairs(prompts, seeds, steps, batch_size, shard.distributed and out_dir is None)
     check_uncached(adapter.transformer)
     sigmas = adapter.default_sigmas(steps, size)
     manifest = _manifest(adapter, prompts, seeds, sigmas, size, batch_size)
     if out_dir is not None:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        manifest_path = out_dir / MANIFEST_FILE
-        if manifest_path.exists():
-            _check_manifest(json.loads(manifest_path.read_text()), manifest, out_dir)
-        elif shard.is_main:
-            write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        shard.barrier("the reference manifest")
+        _open_out_dir(out_dir, manifest, shard)
     solver = adapter.solver(sigmas)
     starts = range(0, len(prompts), batch_size)
     mine = shard.block(len(starts), allow_empty=True)
     batches: dict[int, tuple[torch.Tensor, torch.Tensor, Conditioning | None]] = {}
     for number in tqdm(mine, desc="reference", unit="batch", disable=not progress):
-        begin = starts[number]
         path = out_dir / _BATCH_FILE.format(number) if out_dir is not None else None
         if path is not None and path.exists():
-            noise, final, conditioning = _read_batch(path, out_dir)
-        else:
-            end = begin + batch_size
-            conditioning, noise = adapter.prepare(prompts[begin:end], seeds[begin:end], size)
-            try:
-                with torch.inference_mode():
-                    denoiser = BoundDenoiser(adapter, conditioning)
-                    latents = noise.to(adapter.latent_dtype)
-                    final = rollout(denoiser, None, latents, solver, check_finite=True).final
-            except NonFiniteLatents as exc:
-                pairs = [(prompts[begin + r], seeds[begin + r]) for r in exc.rows]
-                raise ReferenceSetError(
-                    f"the model output NaN or inf at sampling step {exc.step + 1} of {steps} "
-                    f"for (prompt, seed) {pairs[:3]}"
-                    f"{' and more' if len(pairs) > 3 else ''}: check the weights, the dtype (float16 overflows; "
-                    "use bfloat16 or float32) and the guidance scale; batches already written are kept"
-                ) from exc
-            noise, final, conditioning = noise.detach().cpu(), final.detach().cpu(), conditioning.to("cpu")
-            if path is not None:
-                if number == 0:
-                    _save_atomic(conditioning.shared, out_dir / _SHARED_FILE)
-                _save_atomic({"noise": noise, "final": final, **_row_tensors(conditioning)}, path)
-        batches[number] = noise, final, conditioning
+            batches[number] = _read_batch(path, out_dir)
+            continue
+        rows = slice(starts[number], starts[number] + batch_size)
+        batches[number] = _teacher_batch(adapter, solver, prompts[rows], seeds[rows], size, steps)
+        if path is not None:
+            _save_batch(batches[number], number, path)
     shard.barrier("the reference batches")
     for number in range(len(starts)):
         if number not in batches:
@@ -279,6 +247,61 @@ def compute_reference(
         manifest,
         Conditioning.cat([p[2] for p in parts]),
     )
+
+
+def _checked_pairs(
+    prompts: Sequence[str], seeds: Sequence[int], steps: int, batch_size: int, sharded_in_memory: bool
+) -> tuple[list[str], list[int]]:
+    """The pairs as strings and integers, or the error that says what is wrong with the arguments."""
+    if sharded_in_memory:
+        raise ReferenceSetError("a sharded reference needs out_dir: the ranks share their batches through it")
+    prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
+    if not prompts:
+        raise ReferenceSetError("no prompts: a reference set needs at least one (prompt, seed) pair")
+    if len(prompts) != len(seeds):
+        raise ReferenceSetError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    if steps < 1 or batch_size < 1:
+        raise ReferenceSetError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    return prompts, seeds
+
+
+def _open_out_dir(out_dir: Path, manifest: dict[str, Any], shard: Shard) -> None:
+    """Create `out_dir` with the manifest (rank 0), or check that the one there describes these settings."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_FILE
+    if manifest_path.exists():
+        _check_manifest(json.loads(manifest_path.read_text()), manifest, out_dir)
+    elif shard.is_main:
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    shard.barrier("the reference manifest")
+
+
+def _teacher_batch(
+    adapter: Any, solver: Any, prompts: list[str], seeds: list[int], size: Size, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """One batch's noise, uncached final latents and conditioning, on the CPU; NaN or inf names its pairs."""
+    conditioning, noise = adapter.prepare(prompts, seeds, size)
+    try:
+        with torch.inference_mode():
+            denoiser = BoundDenoiser(adapter, conditioning)
+            final = rollout(denoiser, None, noise.to(adapter.latent_dtype), solver, check_finite=True).final
+    except NonFiniteLatents as exc:
+        pairs = [(prompts[r], seeds[r]) for r in exc.rows]
+        raise ReferenceSetError(
+            f"the model output NaN or inf at sampling step {exc.step + 1} of {steps} "
+            f"for (prompt, seed) {pairs[:3]}"
+            f"{' and more' if len(pairs) > 3 else ''}: check the weights, the dtype (float16 overflows; "
+            "use bfloat16 or float32) and the guidance scale; batches already written are kept"
+        ) from exc
+    return noise.detach().cpu(), final.detach().cpu(), conditioning.to("cpu")
+
+
+def _save_batch(batch: tuple[torch.Tensor, torch.Tensor, Conditioning], number: int, path: Path) -> None:
+    """A computed batch's file (the first batch also writes the conditioning every row shares)."""
+    noise, final, conditioning = batch
+    if number == 0:
+        _save_atomic(conditioning.shared, path.parent / _SHARED_FILE)
+    _save_atomic({"noise": noise, "final": final, **_row_tensors(conditioning)}, path)
 
 
 def _row_tensors(conditioning: Conditioning) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """One budget's search as a torchrun entry point: `torchrun --nproc-per-node K -m budcache_pipeline.search.search_worker JOB.json`.
 
 The job file names the model block, a saved reference, the budget, the objective's
-bounds and `search_policy`'s settings. Every rank loads the reference and keeps its
+bounds, the search's settings (`SearchConfig.to_dict`) and whether rank 0 shows a
+progress bar. Every rank loads the reference and keeps its
 block of rows; rank 0 writes the result (and the checkpoint while it runs), so K
 processes give the one-process mask. Rerunning the same command resumes from the checkpoint.
 """
@@ -17,10 +18,12 @@ from typing import Any
 
 from budcache_pipeline.models.spec import load_adapter
 from budcache_pipeline.policy import model_fingerprint, weights_digest
+from budcache_pipeline.search.config import SearchConfig
 from budcache_pipeline.search.distributed import Shard, ShardLostError, run_worker
 from budcache_pipeline.search.engine import SearchResult, search_policy
 from budcache_pipeline.search.objective import MaskObjective
 from budcache_pipeline.search.prefix_store import PREFIX_STATE_STATS
+from budcache_pipeline.search.progress import ProgressBar
 from budcache_pipeline.search.reference import load_reference
 
 MODULE = "budcache_pipeline.search.search_worker"
@@ -48,13 +51,10 @@ def run_search_job(job: dict[str, Any], shard: Shard) -> SearchResult:
     """
     adapter = load_adapter(job["model"])
     objective = MaskObjective(adapter, load_reference(job["reference"]), shard=shard, **job.get("objective", {}))
-    settings = dict(job.get("search", {}))
-    if "starts" in settings:
-        settings["starts"] = tuple(settings["starts"])
-    if "forced" in settings:
-        settings["forced"] = tuple(settings["forced"])
+    config = SearchConfig.from_dict(job.get("search", {}))
     checkpoint = Path(job["checkpoint"]) if job.get("checkpoint") else None
-    result = search_policy(objective, int(job["budget"]), checkpoint=checkpoint, **settings)
+    bar = ProgressBar() if job.get("progress") and shard.is_main else None
+    result = search_policy(objective, int(job["budget"]), config, checkpoint=checkpoint, progress=bar)
     if shard.is_main:
         out = Path(job["result"])
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -186,52 +186,77 @@ def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False)
         return objective.cache[key]
     started = time.perf_counter()
     sub = objective.subset(samples)
-    steps, count = sub.steps, len(sub)
-    rows = sub.local_rows
     teacher = sub.teacher_latents()
-    runs = naive_runs = steps * count
-    at: dict[tuple[int, int], torch.Tensor] = {}
-    resume: dict[tuple[int, int], RolloutState] = {}
     with torch.inference_mode():
-        with budcache_session(sub.adapter.transformer, sub.schedule) as runtime:
-            for i in range(steps - 1):
-                mask = [True] * (i + 1) + [False] * (steps - i - 1)
-                result = rollout(
-                    sub.denoiser, runtime, sub.noise, sub.solver, mask=mask, start=sub.teacher_state(i),
-                    capture=range(i + 2, steps),
-                )
-                at.update({(i, j): state.latents for j, state in result.states.items()})
-                resume.update({(i, j): state for j, state in result.states.items()})
-                at[(i, steps)] = result.final
-                runs += count
-                naive_runs += (i + 1) * count
-        errors = np.zeros((steps + 1, steps + 1))
-        if exact:
-            pairs = [(i, j) for j in range(2, steps) for i in range(j - 1)]
-        else:
-            pairs = [(j - 2, j) for j in range(2, steps)]
-        finals, suffix_runs = _uncached_suffixes(sub, [resume[pair] for pair in pairs])
-        runs += suffix_runs * count // rows
-        naive_runs += sum(steps - (j - i - 1) for i, j in pairs) * count
-        ends = [(i, steps) for i in range(steps - 1)]
-        per_row = [sub.loss(at[edge], sub.target) for edge in ends] + [sub.loss(f, sub.target) for f in finals]
-        deviations = [] if exact else [(i, j) for j in range(3, steps) for i in range(j - 1)]
-        per_row += [(at[(i, j)].float() - teacher[j].float()).pow(2).flatten(1).mean(dim=1) for i, j in deviations]
-        means = sub.mean_over_rows(per_row)
-        for (i, j), value in zip(ends + pairs, means):
-            errors[i, j] = value
-        deviation = dict(zip(deviations, means[len(ends) + len(pairs):]))
-        for j in range(3, steps) if not exact else ():
-            probe = deviation[(j - 2, j)]
-            gain = errors[j - 2, j] / probe if probe > 0 else 0.0
-            for i in range(j - 2):
-                errors[i, j] = gain * deviation[(i, j)]
+        at, resume, runs, naive_runs = _segment_prefixes(sub)
+        errors, suffix_runs, suffix_naive_runs = _segment_errors(sub, teacher, at, resume, exact)
     objective.cache[key] = errors
     stats = objective.stats
-    for name, value in (("start_block_stack_calls", runs), ("start_block_stack_calls_naive", naive_runs)):
+    for name, value in (("start_block_stack_calls", runs + suffix_runs),
+                        ("start_block_stack_calls_naive", naive_runs + suffix_naive_runs)):
         stats[name] = stats.get(name, 0.0) + value / len(objective)
     stats["start_wall_seconds"] = stats.get("start_wall_seconds", 0.0) + time.perf_counter() - started
     return errors
+
+
+def _segment_prefixes(
+    sub: MaskObjective,
+) -> tuple[dict[tuple[int, int], torch.Tensor], dict[tuple[int, int], RolloutState], int, int]:
+    """Per i, one rollout computing steps 0..i then caching to the end, captured at every later j.
+
+    Returns the latents at (i, j) (j = steps: the final), the states to resume from at (i, j),
+    and the per-sample block-stack runs, shared and naive, the teacher's included.
+    """
+    steps, count = sub.steps, len(sub)
+    runs = naive_runs = steps * count
+    at: dict[tuple[int, int], torch.Tensor] = {}
+    resume: dict[tuple[int, int], RolloutState] = {}
+    with budcache_session(sub.adapter.transformer, sub.schedule) as runtime:
+        for i in range(steps - 1):
+            mask = [True] * (i + 1) + [False] * (steps - i - 1)
+            result = rollout(
+                sub.denoiser, runtime, sub.noise, sub.solver, mask=mask, start=sub.teacher_state(i),
+                capture=range(i + 2, steps),
+            )
+            at.update({(i, j): state.latents for j, state in result.states.items()})
+            resume.update({(i, j): state for j, state in result.states.items()})
+            at[(i, steps)] = result.final
+            runs += count
+            naive_runs += (i + 1) * count
+    return at, resume, runs, naive_runs
+
+
+def _segment_errors(
+    sub: MaskObjective,
+    teacher: list[torch.Tensor],
+    at: dict[tuple[int, int], torch.Tensor],
+    resume: dict[tuple[int, int], RolloutState],
+    exact: bool,
+) -> tuple[np.ndarray, int, int]:
+    """The error matrix from the prefixes, with the suffixes' block-stack runs (shared and naive)."""
+    steps, count = sub.steps, len(sub)
+    errors = np.zeros((steps + 1, steps + 1))
+    if exact:
+        pairs = [(i, j) for j in range(2, steps) for i in range(j - 1)]
+    else:
+        pairs = [(j - 2, j) for j in range(2, steps)]
+    finals, suffix_runs = _uncached_suffixes(sub, [resume[pair] for pair in pairs])
+    runs = suffix_runs * count // sub.local_rows
+    naive_runs = sum(steps - (j - i - 1) for i, j in pairs) * count
+    ends = [(i, steps) for i in range(steps - 1)]
+    per_row = [sub.loss(at[edge], sub.target) for edge in ends] + [sub.loss(f, sub.target) for f in finals]
+    deviations = [] if exact else [(i, j) for j in range(3, steps) for i in range(j - 1)]
+    per_row += [(at[(i, j)].float() - teacher[j].float()).pow(2).flatten(1).mean(dim=1) for i, j in deviations]
+    means = sub.mean_over_rows(per_row)
+    for (i, j), value in zip(ends + pairs, means):
+        errors[i, j] = value
+    deviation = dict(zip(deviations, means[len(ends) + len(pairs):]))
+    for j in range(3, steps) if not exact else ():
+        probe = deviation[(j - 2, j)]
+        gain = errors[j - 2, j] / probe if probe > 0 else 0.0
+        for i in range(j - 2):
+            errors[i, j] = gain * deviation[(i, j)]
+    return errors, runs, naive_runs
 
 
 def dp_path(errors: np.ndarray, budget: int, forced: Sequence[int]) -> list[int]:

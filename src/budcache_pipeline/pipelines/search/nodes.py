@@ -14,7 +14,14 @@ import pandas as pd
 
 from budcache_pipeline.pipelines.common import load_model, model_spec, process_count
 from budcache_pipeline.policy import CachePolicy
-from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy, starts_for_budget
+from budcache_pipeline.search import (
+    MaskObjective,
+    ProgressBar,
+    ReferenceSet,
+    SearchConfig,
+    result_to_policy,
+    search_policy,
+)
 from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.engine import SearchResult
 from budcache_pipeline.search.objective import mask_key
@@ -65,24 +72,6 @@ def _checkpoint(directory: str | None, budget: int, signature: dict[str, Any]) -
     return Path(directory) / f"budget_{budget}-{digest}.json"
 
 
-def _settings(params: dict[str, Any], budget: int, steps: int, pairs: int) -> dict[str, Any]:
-    """The search's settings as the policy's provenance records them (and the checkpoint is keyed by)."""
-    return {
-        "budget": budget,
-        "starts": starts_for_budget(
-            budget, steps, params["starts"], params.get("tight_starts"), params.get("tight_budget_fraction")
-        ),
-        "forced": list(params["forced"]),
-        "seed": int(params["seed"]),
-        "sa_iterations": int(params["sa_iterations"]),
-        "hc_rounds": int(params["hc_rounds"]),
-        "screen_samples": params.get("screen_samples"),
-        "dp_samples": int(params["dp_samples"]),
-        "calibration_pairs": pairs,
-        "forecast": str(params.get("forecast", "reuse")),
-    }
-
-
 def _objective_options(params: dict[str, Any], forecast: str) -> dict[str, Any]:
     """`MaskObjective`'s bounds: what a search may keep in memory, which never changes its result."""
     options = {
@@ -96,23 +85,9 @@ def _objective_options(params: dict[str, Any], forecast: str) -> dict[str, Any]:
     return options
 
 
-def _engine_options(settings: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """`search_policy`'s keyword arguments from the settings."""
-    return {
-        "starts": tuple(settings["starts"]),
-        "forced": tuple(settings["forced"]),
-        "seed": settings["seed"],
-        "sa_iterations": settings["sa_iterations"],
-        "hc_rounds": settings["hc_rounds"],
-        "progress": bool(params.get("progress", False)),
-        "screen_samples": settings["screen_samples"],
-        "dp_samples": settings["dp_samples"],
-    }
-
-
 def _search(
     reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
-    budget: int, engine_options: dict[str, Any], checkpoint: Path | None, processes: int,
+    budget: int, config: SearchConfig, checkpoint: Path | None, processes: int, progress: bool,
 ) -> dict[str, Any]:
     """The search's result, the prefix store's counters and the model's identity.
 
@@ -120,17 +95,18 @@ def _search(
     the same keys from either, so it picks neither runner itself.
     """
     if processes > 1:
-        return _search_under_torchrun(reference, model_params, objective_options, budget, engine_options,
-                                      checkpoint, processes)
+        return _search_under_torchrun(reference, model_params, objective_options, budget, config,
+                                      checkpoint, processes, progress)
     adapter = load_model(model_params)
     objective = MaskObjective(adapter, reference, **objective_options)
-    result = search_policy(objective, budget, checkpoint=checkpoint, **engine_options)
+    bar = ProgressBar() if progress else None
+    result = search_policy(objective, budget, config, checkpoint=checkpoint, progress=bar)
     return {"result": result, **search_record(objective)}
 
 
 def _search_under_torchrun(
     reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
-    budget: int, engine_options: dict[str, Any], checkpoint: Path | None, processes: int,
+    budget: int, config: SearchConfig, checkpoint: Path | None, processes: int, progress: bool,
 ) -> dict[str, Any]:
     """The search on `processes` torchrun ranks sharing the calibration rows (the one-process mask).
 
@@ -147,7 +123,8 @@ def _search_under_torchrun(
             "reference": str(folder / "reference"),
             "budget": budget,
             "torch_threads": max(1, threads // processes),
-            "search": engine_options,
+            "search": config.to_dict(),
+            "progress": progress,
             "objective": objective_options,
             "checkpoint": str(checkpoint) if checkpoint else None,
             "result": str(folder / "result.json"),
@@ -179,11 +156,12 @@ def search_budget(
     processes = process_count(params.get("processes", 1), "search.processes")
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     reference = reference_calibration.subset(indices)
-    settings = _settings(params, budget, reference.steps, len(reference))
+    config = SearchConfig.from_params(params, budget, reference.steps)
+    settings = config.settings(budget, len(reference), str(params.get("forecast", "reuse")))
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
     found = _search(reference, model_params, _objective_options(params, settings["forecast"]), budget,
-                    _engine_options(settings, params), checkpoint, processes)
+                    config, checkpoint, processes, bool(params.get("progress", False)))
     result: SearchResult = found["result"]
     policy = result_to_policy(
         result,
