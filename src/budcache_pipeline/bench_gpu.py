@@ -158,7 +158,7 @@ def bench_gpu(
     from kedro.framework.startup import bootstrap_project
     from kedro.io import DatasetError
 
-    from budcache_pipeline.pipelines.common import load_model, model_size, model_steps
+    from budcache_pipeline.pipelines.common import ModelHandle
     from budcache_pipeline.pipelines.evaluate.nodes import ALIGNED, SEARCHED, is_aligned
     from budcache_pipeline.deploy import check_policy
     from budcache_pipeline.cost import search_rollouts
@@ -190,8 +190,8 @@ def bench_gpu(
         policies = {b: catalog.load(f"budget_{b}.final_policy") for b in budgets}
         summaries = {b: catalog.load(f"budget_{b}.search_summary") for b in budgets}
         holdout = catalog.load("reference_holdout")
-    adapter = load_model(model)
-    size, steps = model_size(adapter, model), model_steps(model)
+    handle = ModelHandle(model)
+    adapter, size, steps = handle.adapter, handle.size, handle.steps
     pairs = list(zip(holdout.prompts, holdout.seeds))[:images]
     progress(f"timing {len(pairs)} held-out image(s) per method on {adapter.device} ...")
     uncached_schedule = adapter.schedule_kwargs(adapter.default_sigmas(steps, size), size)

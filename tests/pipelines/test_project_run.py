@@ -49,9 +49,10 @@ def test_pipelines_hold_one_namespaced_search_and_align_per_budget(monkeypatch):
     assert {"budget_7.final_policy", "metrics_table", "metrics_summary"} <= pipelines["evaluate"].all_outputs()
     union = set().union(*(pipelines[name].nodes for name in pipelines if name != "__default__"))
     assert set(pipelines["__default__"].nodes) == union
-    assert pipelines["__default__"].inputs() == {"raw_prompts"} | {
+    assert pipelines["__default__"].inputs() == {"raw_prompts", "model"} | {
         i for i in pipelines["__default__"].inputs() if i.startswith("params:") or i == "parameters"
     }
+    assert "params:model" not in pipelines["__default__"].inputs(), "nodes take the model, not its parameters"
 
 
 def test_budget_override_is_checked(monkeypatch):

@@ -14,13 +14,13 @@ def create_pipeline(**kwargs: object) -> Pipeline:
         [
             Node(
                 compute_calibration_reference,
-                inputs=["calibration_prompts", "params:model", "params:reference"],
+                inputs=["calibration_prompts", "model", "params:reference"],
                 outputs="reference_calibration",
                 name="compute_calibration_reference",
             ),
             Node(
                 compute_holdout_reference,
-                inputs=["holdout_prompts", "params:model", "params:reference"],
+                inputs=["holdout_prompts", "model", "params:reference"],
                 outputs="reference_holdout",
                 name="compute_holdout_reference",
             ),

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model, model_spec, process_count
+from budcache_pipeline.pipelines.common import ModelHandle, process_count
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.search import MaskObjective, ReferenceSet, result_to_policy, search_policy, starts_for_budget
 from budcache_pipeline.search.distributed import launch_torchrun
@@ -111,19 +111,19 @@ def _engine_options(settings: dict[str, Any], params: dict[str, Any]) -> dict[st
 
 
 def _search(
-    reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
+    reference: ReferenceSet, model: ModelHandle, objective_options: dict[str, Any],
     budget: int, engine_options: dict[str, Any], checkpoint: Path | None, processes: int,
 ) -> dict[str, Any]:
     """The search's result, the prefix store's counters and the model's identity.
 
     In this process when `processes` is 1, else on that many torchrun ranks; the node reads
-    the same keys from either, so it picks neither runner itself.
+    the same keys from either, so it picks neither runner itself. Only the one-process search
+    loads the model here; torchrun ranks get its settings and each loads it itself.
     """
     if processes > 1:
-        return _search_under_torchrun(reference, model_params, objective_options, budget, engine_options,
+        return _search_under_torchrun(reference, model.params, objective_options, budget, engine_options,
                                       checkpoint, processes)
-    adapter = load_model(model_params)
-    objective = MaskObjective(adapter, reference, **objective_options)
+    objective = MaskObjective(model.adapter, reference, **objective_options)
     result = search_policy(objective, budget, checkpoint=checkpoint, **engine_options)
     return {"result": result, **search_record(objective)}
 
@@ -161,7 +161,7 @@ def _search_under_torchrun(
 def search_budget(
     reference_calibration: ReferenceSet,
     calibration_prompts: pd.DataFrame,
-    model_params: dict[str, Any],
+    model: ModelHandle,
     params: dict[str, Any],
     budget: int,
 ) -> tuple[CachePolicy, pd.DataFrame, dict[str, Any]]:
@@ -182,12 +182,12 @@ def search_budget(
     settings = _settings(params, budget, reference.steps, len(reference))
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
-    found = _search(reference, model_params, _objective_options(params, settings["forecast"]), budget,
+    found = _search(reference, model, _objective_options(params, settings["forecast"]), budget,
                     _engine_options(settings, params), checkpoint, processes)
     result: SearchResult = found["result"]
     policy = result_to_policy(
         result,
-        model_name=model_spec(model_params).registered_name,
+        model_name=model.spec.registered_name,
         model_fingerprint=found["model_fingerprint"],
         model_weights=found["model_weights"],
         sigmas=reference.sigmas,
