@@ -188,7 +188,7 @@ def bench_gpu(
             ) from exc
         budgets = sorted({int(b) for b in table[table["method"].isin([SEARCHED, ALIGNED])]["budget"]}, reverse=True)
         policies = {b: catalog.load(f"budget_{b}.final_policy") for b in budgets}
-        summaries = {b: catalog.load(f"budget_{b}.search_summary") for b in budgets}
+        summaries = {b: catalog.load(f"budget_{b}.search_summary@json") for b in budgets}
         holdout = catalog.load("reference_holdout")
     handle = ModelHandle(model)
     adapter, size, steps = handle.adapter, handle.size, handle.steps

@@ -24,7 +24,7 @@ def _align_for(budget: int) -> Pipeline:
                     "model",
                     "params:align",
                 ],
-                outputs=["aligned_policy", "alignment_report"],
+                outputs=["aligned_policy", "alignment_report@json"],
                 name="align_schedule",
             )
         ]

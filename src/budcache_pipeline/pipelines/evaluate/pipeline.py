@@ -18,7 +18,7 @@ from budcache_pipeline.pipelines.evaluate.nodes import (
 from budcache_pipeline.pipelines.register.nodes import by_budget
 from budcache_pipeline.pipelines.search.pipeline import budget_namespace
 
-PER_BUDGET = ("policy", "aligned_policy", "search_history", "final_policy")
+PER_BUDGET = ("policy", "aligned_policy", "search_history@pandas", "final_policy")
 """The namespaced datasets this pipeline reads or writes once per budget."""
 
 
@@ -59,7 +59,7 @@ def _reports(per_budget: dict[str, list[str]]) -> list[Node]:
             name="score_policies",
         ),
         Node(
-            summarise_metrics, inputs=["metrics_table", "aligned_ladder"], outputs="metrics_summary",
+            summarise_metrics, inputs=["metrics_table", "aligned_ladder"], outputs="metrics_summary@json",
             name="summarise_metrics",
         ),
         Node(
@@ -75,7 +75,7 @@ def _plots(per_budget: dict[str, list[str]], budgets: tuple[int, ...]) -> list[N
         Node(pareto_plot, inputs="metrics_table", outputs="pareto_plot", name="plot_pareto"),
         Node(mask_map, inputs="aligned_ladder", outputs="mask_map_plot", name="plot_mask_map"),
         Node(
-            by_budget(budgets), inputs=per_budget["search_history"], outputs="search_histories",
+            by_budget(budgets), inputs=per_budget["search_history@pandas"], outputs="search_histories",
             name="collect_search_histories",
         ),
         Node(convergence_plots, inputs="search_histories", outputs="convergence_plots", name="plot_convergence"),

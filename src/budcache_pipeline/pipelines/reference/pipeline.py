@@ -27,7 +27,7 @@ def create_pipeline(**kwargs: object) -> Pipeline:
             Node(
                 summarise_references,
                 inputs=["reference_calibration", "reference_holdout"],
-                outputs="reference_summary",
+                outputs="reference_summary@json",
                 name="summarise_references",
             ),
         ]

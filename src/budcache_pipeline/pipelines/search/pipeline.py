@@ -39,7 +39,7 @@ def _search_for(budget: int) -> Pipeline:
             Node(
                 _search_node(budget),
                 inputs=["reference_calibration", "calibration_prompts", "model", "params:search"],
-                outputs=["policy", "search_history", "search_summary"],
+                outputs=["policy", "search_history@pandas", "search_summary@json"],
                 name="search_policy",
             )
         ]
