@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _session_torch_threads():
-    """Code under test may set torch's global thread count (`load_model` does): undo it after each test."""
+    """Code under test may set torch's global thread count (a `ModelHandle` does): undo it after each test."""
     yield
     if torch.get_num_threads() != THREADS:
         torch.set_num_threads(THREADS)

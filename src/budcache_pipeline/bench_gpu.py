@@ -194,7 +194,7 @@ def _kedro_outputs(
             table=table,
             budgets=budgets,
             policies={b: catalog.load(f"budget_{b}.final_policy") for b in budgets},
-            summaries={b: catalog.load(f"budget_{b}.search_summary") for b in budgets},
+            summaries={b: catalog.load(f"budget_{b}.search_summary@json") for b in budgets},
             holdout=catalog.load("reference_holdout"),
         )
 
@@ -239,7 +239,7 @@ def bench_gpu(
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or with `reuse`, read) the project for `env` and measure every budget of its ladder; see the module doc."""
-    from budcache_pipeline.pipelines.common import load_model, model_size, model_steps
+    from budcache_pipeline.pipelines.common import ModelHandle
 
     if images < 1:
         raise BenchGpuError(f"images must be at least 1, got {images}")
@@ -248,8 +248,8 @@ def bench_gpu(
     check_environment(project, env, cuda)
     outputs = _kedro_outputs(project, env, reuse, cuda, progress)
     model = outputs.model
-    adapter = load_model(model)
-    size, steps = model_size(adapter, model), model_steps(model)
+    handle = ModelHandle(model)
+    adapter, size, steps = handle.adapter, handle.size, handle.steps
     pairs = list(zip(outputs.holdout.prompts, outputs.holdout.seeds))[:images]
     progress(f"timing {len(pairs)} held-out image(s) per method on {adapter.device} ...")
     uncached_schedule = adapter.schedule_kwargs(adapter.default_sigmas(steps, size), size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from kedro.io import AbstractDataset, DatasetError
 from matplotlib.figure import Figure
 
 from budcache_pipeline.atomic import atomic_folder, atomic_path
+from budcache_pipeline.pipelines.common import ModelHandle
 from budcache_pipeline.policy import CachePolicy, PolicyError, load_policy
 from budcache_pipeline.prompts import read_prompts
 from budcache_pipeline.search.reference import (
@@ -210,3 +212,29 @@ class ReferenceSetDataset(AbstractDataset[ReferenceSet, ReferenceSet]):
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "run_first": self._run_first}
+
+
+class ModelDataset(AbstractDataset[Any, ModelHandle]):
+    """The run's model as a load-only catalog entry: every load returns the same `ModelHandle`.
+
+    The catalog cannot read parameters, so `hooks.ModelHooks` builds this entry from the `model:`
+    parameters as the run resolved them (environment, `--params model.steps=...`). The handle loads
+    the adapter on first use, once per thread, so the entry costs nothing until a node computes with
+    it and a node that launches torchrun ranks never loads the weights in its own process.
+    """
+
+    def __init__(self, model: Mapping[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        self._handle = ModelHandle(model)
+        self.metadata = metadata
+
+    def load(self) -> ModelHandle:
+        return self._handle
+
+    def save(self, data: Any) -> None:
+        raise DatasetError("`model` is configured by the `model:` parameters, not written by a pipeline")
+
+    def _exists(self) -> bool:
+        return True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"model": self._handle.params}

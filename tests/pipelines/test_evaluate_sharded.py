@@ -11,7 +11,7 @@ from budcache_pipeline.baselines import FixedPolicy, Uncached
 from budcache_pipeline.evaluation import RolloutSet
 from budcache_pipeline.evaluation.shards import run_methods_batches, saved_method_run
 from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
-from budcache_pipeline.pipelines.common import load_model, model_size
+from budcache_pipeline.pipelines.common import ModelHandle
 from budcache_pipeline.pipelines.evaluate.nodes import evaluate_ladder
 from budcache_pipeline.policy import CachePolicy, model_fingerprint
 from budcache_pipeline.search import compute_reference
@@ -31,27 +31,27 @@ def _prompts(count: int, offset: int) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def references():
-    adapter = load_model(MODEL)
-    size = model_size(adapter, MODEL)
+    model = ModelHandle(MODEL)
+    adapter, size = model.adapter, model.size
     made = {}
     for split, prompts in (("calibration", _prompts(4, 0)), ("holdout", _prompts(6, 100))):
         made[split] = (prompts, compute_reference(adapter, prompts["prompt"].tolist(), prompts["seed"].tolist(), 6,
                                                   size, progress=False))
-    return adapter, made
+    return model, made
 
 
 def test_two_processes_give_the_one_process_table_with_the_same_batch_size(references, tmp_path):
-    adapter, made = references
+    model, made = references
     (calibration_prompts, calibration), (holdout_prompts, holdout) = made["calibration"], made["holdout"]
     policy = CachePolicy(mask=(True, False, True, False, True, False), model_name="tiny",
-                         model_fingerprint=model_fingerprint(adapter.transformer))
+                         model_fingerprint=model_fingerprint(model.adapter.transformer))
     params = {"baselines": ["uniform", "teacache"], "calibration_size": 4, "max_calibration_evaluations": 3,
               "timing_images": 1, "quality": "images", "grid_images": 2, "batch_size": 2}
     tables = {}
     for processes in (1, 2):
         run_params = {**params, "processes": processes, "resume_dir": str(tmp_path / f"partial{processes}")}
         table, *_ = evaluate_ladder({3: policy}, {3: policy}, calibration, holdout, calibration_prompts,
-                                    holdout_prompts, MODEL, run_params)
+                                    holdout_prompts, model, run_params)
         tables[processes] = table
         assert not any((tmp_path / f"partial{processes}").iterdir())  # scratch removed once the table exists
     one, two = (tables[k].drop(columns=CLOCK) for k in (1, 2))
@@ -60,9 +60,9 @@ def test_two_processes_give_the_one_process_table_with_the_same_batch_size(refer
 
 
 def test_a_lost_batch_alone_is_rerun_and_the_runs_equal_the_one_process_runs(references, tmp_path):
-    adapter, made = references
+    model, made = references
     _, holdout = made["holdout"]
-    data = RolloutSet.from_reference(adapter, holdout)
+    data = RolloutSet.from_reference(model.adapter, holdout)
     methods = [Uncached(), FixedPolicy.uniform(6, 3)]
     expected = {m.kind: saved_method_run(m, data, tmp_path / "one", 2) for m in methods}
     out = tmp_path / "shards"
@@ -84,9 +84,9 @@ def test_a_lost_batch_alone_is_rerun_and_the_runs_equal_the_one_process_runs(ref
 
 
 def test_processes_without_a_batch_size_or_not_a_positive_integer_are_refused(references, tmp_path):
-    adapter, made = references
+    model, made = references
     (calibration_prompts, calibration), (holdout_prompts, holdout) = made["calibration"], made["holdout"]
-    policy = CachePolicy(mask=(True,) * 6, model_name="tiny", model_fingerprint=model_fingerprint(adapter.transformer))
+    policy = CachePolicy(mask=(True,) * 6, model_name="tiny", model_fingerprint=model_fingerprint(model.adapter.transformer))
     params = {"baselines": [], "calibration_size": 4, "max_calibration_evaluations": 3, "timing_images": 1,
               "quality": "images", "grid_images": 0, "resume_dir": str(tmp_path)}
     for extra, message in (({"processes": 2, "batch_size": None}, "evaluate.processes 2 needs evaluate.batch_size"),
@@ -94,4 +94,4 @@ def test_processes_without_a_batch_size_or_not_a_positive_integer_are_refused(re
                            ({"processes": 1, "batch_size": 0}, "evaluate.batch_size must be a positive integer")):
         with pytest.raises(ValueError, match=message):
             evaluate_ladder({6: policy}, {6: policy}, calibration, holdout, calibration_prompts, holdout_prompts,
-                            MODEL, {**params, **extra})
+                            model, {**params, **extra})

@@ -77,7 +77,7 @@ def test_ingest_nodes_run_with_an_in_memory_catalog():
         {"raw_prompts": MemoryDataset(raw), "params:ingest": MemoryDataset({"holdout_fraction": 0.5})}
     )
     SequentialRunner().run(create_pipeline(), catalog)
-    assert catalog["ingest_summary"].load()["duplicates_dropped"] == 1
+    assert catalog["ingest_summary@json"].load()["duplicates_dropped"] == 1
     assert len(catalog["calibration_prompts"].load()) + len(catalog["holdout_prompts"].load()) == 2
 
 

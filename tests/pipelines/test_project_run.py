@@ -45,13 +45,14 @@ def test_pipelines_hold_one_namespaced_search_and_align_per_budget(monkeypatch):
     assert {"ingest", "reference", "search", "align", "evaluate", "register", "__default__"} <= set(pipelines)
     assert {n.name for n in pipelines["search"].nodes} == {"budget_7.search_policy", "budget_3.search_policy"}
     assert {"budget_7.policy", "budget_3.policy"} <= pipelines["search"].all_outputs()
-    assert {"budget_7.aligned_policy", "budget_3.alignment_report"} <= pipelines["align"].all_outputs()
-    assert {"budget_7.final_policy", "metrics_table", "metrics_summary"} <= pipelines["evaluate"].all_outputs()
+    assert {"budget_7.aligned_policy", "budget_3.alignment_report@json"} <= pipelines["align"].all_outputs()
+    assert {"budget_7.final_policy", "metrics_table", "metrics_summary@json"} <= pipelines["evaluate"].all_outputs()
     union = set().union(*(pipelines[name].nodes for name in pipelines if name != "__default__"))
     assert set(pipelines["__default__"].nodes) == union
-    assert pipelines["__default__"].inputs() == {"raw_prompts"} | {
+    assert pipelines["__default__"].inputs() == {"raw_prompts", "model"} | {
         i for i in pipelines["__default__"].inputs() if i.startswith("params:") or i == "parameters"
     }
+    assert "params:model" not in pipelines["__default__"].inputs(), "nodes take the model, not its parameters"
 
 
 def test_budget_override_is_checked(monkeypatch):
@@ -126,6 +127,10 @@ def test_register_logs_one_run_and_a_candidate_version_with_lineage_tags(reduced
     assert version.tags["model_fingerprint"] == policy.model_fingerprint
     assert version.tags["dvc_data_hash"] == registration["dvc_data_hash"]
     assert version.tags["code_version"] == registration["code_version"]
+    provenance = json.loads((reduced_run / "data" / "08_reporting" / "provenance.json").read_text())
+    assert (provenance["code_version"], provenance["data"]["hash"], provenance["model_fingerprint"]) == (
+        registration["code_version"], registration["dvc_data_hash"], registration["model_fingerprint"])
+    assert set(provenance["data"]["paths"]) == {"data/01_raw/prompts.csv", "data/03_primary/reference"}
     assert version.tags["budgets"] == "3,5"
 
     run = client.get_run(registration["run_id"])
@@ -232,11 +237,17 @@ def test_register_takes_plots_tables_and_calibrations_from_the_catalog_and_runs_
     monkeypatch.setenv(BUDGETS_ENV, "5,3")
     pipelines = register_pipelines()
     files = {"pareto_plot", "mask_map_plot", "convergence_plots", "sample_grid_plots"}
-    files |= {"metrics_table_csv@file", "baseline_calibrations@file"}
+    files |= {"metrics_table_csv@file", "baseline_calibrations@file", "metrics_summary@file", "ingest_summary@file"}
+    files |= {"reference_summary@file", "budget_3.search_history@file", "budget_5.search_summary@file"}
+    files |= {"budget_3.alignment_report@file"}
     assert files <= pipelines["register"].inputs()
     order = [node.name for node in pipelines["__default__"].nodes]
-    writers = ("evaluate_ladder", "plot_pareto", "plot_mask_map", "plot_convergence", "plot_sample_grids")
+    writers = ("evaluate_ladder", "plot_pareto", "plot_mask_map", "plot_convergence", "plot_sample_grids",
+               "summarise_metrics", "summarise_references", "clean_prompts", "budget_3.search_policy",
+               "budget_5.align_schedule", "record_provenance")
     assert all(order.index(writer) < order.index("register_ladder") for writer in writers)
+    register = next(node for node in pipelines["register"].nodes if node.name == "register_ladder")
+    assert "provenance" in register.inputs and not any("params:" in i for i in register.inputs)
 
 
 def test_the_run_logs_the_plots_tables_and_calibrations_the_pipeline_wrote(reduced_run, tmp_path):
@@ -244,13 +255,21 @@ def test_the_run_logs_the_plots_tables_and_calibrations_the_pipeline_wrote(reduc
     uri = environment(reduced_run)["MLFLOW_TRACKING_URI"]
     logged = Path(download_artifacts(run_id=registration["run_id"], dst_path=str(tmp_path), tracking_uri=uri))
     plots = reduced_run / "data" / "08_reporting" / "plots"
+    data = reduced_run / "data"
     written = {
         **{f"plots/{p.relative_to(plots).as_posix()}": p for p in plots.rglob("*.png")},
-        "metrics.csv": reduced_run / "data" / "08_reporting" / "metrics.csv",
-        "baseline_calibrations.json": reduced_run / "data" / "07_model_output" / "baseline_calibrations.json",
+        "metrics.csv": data / "08_reporting" / "metrics.csv",
+        "baseline_calibrations.json": data / "07_model_output" / "baseline_calibrations.json",
+        "metrics.json": data / "08_reporting" / "metrics.json",
+        "ingest_summary.json": data / "08_reporting" / "ingest_summary.json",
+        "reference_summary.json": data / "03_primary" / "reference" / "reference_summary.json",
+        **{f"search/{p.name}": p for p in (data / "07_model_output" / "search").iterdir()},
+        **{f"align/{p.name}": p for p in (data / "07_model_output" / "align").iterdir()},
     }
+    assert {"search/budget_5_summary.json", "search/budget_3_history.parquet", "align/budget_3.json"} <= set(written)
     assert {"plots/pareto.png", "plots/mask_map.png", "plots/convergence/budget_5.png"} <= set(written)
-    uploaded = {p.relative_to(logged).as_posix() for p in (logged / "plots").rglob("*") if p.is_file()}
-    assert uploaded == {name for name in written if name.startswith("plots/")}
+    for folder in ("plots", "search", "align"):
+        uploaded = {p.relative_to(logged).as_posix() for p in (logged / folder).rglob("*") if p.is_file()}
+        assert uploaded == {name for name in written if name.startswith(f"{folder}/")}
     for name, path in written.items():
         assert (logged / name).read_bytes() == path.read_bytes(), name

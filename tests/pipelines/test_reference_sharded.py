@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from budcache_pipeline.pipelines.common import load_model, model_size
+from budcache_pipeline.pipelines.common import ModelHandle
 from budcache_pipeline.pipelines.reference.nodes import compute_reference_set
 from budcache_pipeline.search import compute_reference
 from budcache_pipeline.search.distributed import launch_torchrun
@@ -29,13 +29,14 @@ def _same(got, expected) -> None:
 
 
 def test_two_processes_give_the_one_process_reference_and_a_lost_batch_alone_is_recomputed(tmp_path):
-    adapter = load_model(MODEL)
+    model = ModelHandle(MODEL)
+    adapter = model.adapter
     expected = compute_reference(
-        adapter, PROMPTS["prompt"].tolist(), PROMPTS["seed"].tolist(), 6, model_size(adapter, MODEL),
+        adapter, PROMPTS["prompt"].tolist(), PROMPTS["seed"].tolist(), 6, model.size,
         batch_size=2, progress=False,
     )
     params = {"batch_size": 2, "processes": 2, "resume_dir": str(tmp_path / "partial")}
-    _same(compute_reference_set(PROMPTS, MODEL, params, "calibration"), expected)
+    _same(compute_reference_set(PROMPTS, model, params, "calibration"), expected)
     assert not any((tmp_path / "partial").iterdir())  # the scratch folder is removed once the reference exists
 
     # Rank 1 (batches 1 and 2) killed before its last batch: a rerun computes only the batch it lost.
@@ -43,12 +44,12 @@ def test_two_processes_give_the_one_process_reference_and_a_lost_batch_alone_is_
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"model": MODEL, "prompts": PROMPTS["prompt"].tolist(), "seeds": list(range(6)),
                                "steps": 6, "batch_size": 2, "out_dir": str(out)}))
-    compute_reference(adapter, PROMPTS["prompt"].tolist(), list(range(6)), 6, model_size(adapter, MODEL),
+    compute_reference(adapter, PROMPTS["prompt"].tolist(), list(range(6)), 6, model.size,
                       out_dir=out, batch_size=2, progress=False)
     (out / "batch_00002.safetensors").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("batch_*")}
     launch_torchrun(REFERENCE_WORKER, job, 2)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("batch_*") if p.name in kept} == kept
     assert (out / "batch_00002.safetensors").is_file()
-    _same(compute_reference(adapter, PROMPTS["prompt"].tolist(), list(range(6)), 6, model_size(adapter, MODEL),
+    _same(compute_reference(adapter, PROMPTS["prompt"].tolist(), list(range(6)), 6, model.size,
                             out_dir=out, batch_size=2, progress=False), expected)

@@ -2,7 +2,7 @@
 
 The budget namespaces only meet at the reference (before) and the evaluation (after), so Kedro's
 ThreadRunner runs their searches and alignments at once; each worker thread loads its own model
-(`pipelines.common.load_model`). Compared with the session's sequential run of the same copy
+(the catalog's `model`, a `pipelines.common.ModelHandle`). Compared with the session's sequential run of the same copy
 (`tiny_runs`): the policies byte for byte, and the MLflow run's parameters, metrics and artifacts,
 leaving out only what measures time.
 """

@@ -7,8 +7,8 @@ from kedro.pipeline import Node, Pipeline
 from budcache_pipeline.pipelines.align.nodes import align_budget
 from budcache_pipeline.pipelines.search.pipeline import budget_namespace
 
-SHARED_INPUTS = {"reference_calibration", "reference_holdout", "calibration_prompts"}
-SHARED_PARAMETERS = {"params:model", "params:align"}
+SHARED_INPUTS = {"reference_calibration", "reference_holdout", "calibration_prompts", "model"}
+SHARED_PARAMETERS = {"params:align"}
 
 
 def _align_for(budget: int) -> Pipeline:
@@ -21,10 +21,10 @@ def _align_for(budget: int) -> Pipeline:
                     "reference_calibration",
                     "reference_holdout",
                     "calibration_prompts",
-                    "params:model",
+                    "model",
                     "params:align",
                 ],
-                outputs=["aligned_policy", "alignment_report"],
+                outputs=["aligned_policy", "alignment_report@json"],
                 name="align_schedule",
             )
         ]

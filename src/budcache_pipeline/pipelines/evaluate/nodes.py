@@ -29,7 +29,7 @@ from budcache_pipeline.evaluation import (
 from budcache_pipeline.evaluation.calibration import calibrate_baselines
 from budcache_pipeline.evaluation.shards import batch_slices, saved_method_run
 from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
-from budcache_pipeline.pipelines.common import load_model, process_count, resume_dir
+from budcache_pipeline.pipelines.common import ModelHandle, process_count, resume_dir
 from budcache_pipeline.pipelines.search.nodes import calibration_subset
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.reporting import plot_convergence, plot_masks, plot_pareto, plot_sample_grid
@@ -81,7 +81,7 @@ def evaluate_ladder(
     reference_holdout: ReferenceSet,
     calibration_prompts: pd.DataFrame,
     holdout_prompts: pd.DataFrame,
-    model_params: dict[str, Any],
+    model: ModelHandle,
     params: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[dict[str, Any]]], dict[str, dict[str, torch.Tensor]]]:
     """Every method at every budget on the held-out pairs, baselines tuned to the same mean budget.
@@ -92,7 +92,7 @@ def evaluate_ladder(
     recorded. Returns the metrics table (twice: parquet and CSV), the calibrations, and decoded
     sample images per budget for the grids.
     """
-    adapter = load_model(model_params)
+    adapter = model.adapter
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     calibrator = BaselineCalibrator(
         RolloutSet.from_reference(adapter, reference_calibration.subset(indices)),
@@ -113,7 +113,7 @@ def evaluate_ladder(
     quality = _quality(adapter, reference_holdout, holdout_prompts, params)
     finals: dict[tuple[str, int], torch.Tensor] = {}
     holdout = RolloutSet.from_reference(adapter, reference_holdout)
-    run, scratch = _held_out_runs(holdout, reference_holdout, [m.method for m in methods], model_params, params)
+    run, scratch = _held_out_runs(holdout, reference_holdout, [m.method for m in methods], model.params, params)
     table = evaluate_methods(
         holdout,
         methods,

@@ -11,7 +11,7 @@ def create_pipeline(**kwargs: object) -> Pipeline:
             Node(
                 clean_prompts,
                 inputs=["raw_prompts", "params:ingest"],
-                outputs=["prepared_prompts", "ingest_summary"],
+                outputs=["prepared_prompts", "ingest_summary@json"],
                 name="clean_prompts",
             ),
             Node(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model, model_size, model_steps, resume_dir
+from budcache_pipeline.pipelines.common import ModelHandle, resume_dir
 from budcache_pipeline.policy import model_fingerprint
 from budcache_pipeline.search import ReferenceSet, compute_reference
 from budcache_pipeline.search.distributed import launch_torchrun
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def compute_reference_set(
-    prompts: pd.DataFrame, model_params: dict[str, Any], params: dict[str, Any], split: str
+    prompts: pd.DataFrame, model: ModelHandle, params: dict[str, Any], split: str
 ) -> ReferenceSet:
     """Uncached rollouts of every (prompt, seed) of one split, batched on the GPU when there is one.
 
@@ -30,8 +30,8 @@ def compute_reference_set(
     `params.processes` above 1 the batches are computed by that many torchrun ranks
     (one per GPU) into the same folder, and this node reads them back.
     """
-    adapter = load_model(model_params)
-    size, steps = model_size(adapter, model_params), model_steps(model_params)
+    adapter = model.adapter
+    size, steps = model.size, model.steps
     texts, seeds = prompts["prompt"].tolist(), [int(s) for s in prompts["seed"]]
     identity = {
         "model": model_fingerprint(adapter.transformer),
@@ -48,7 +48,7 @@ def compute_reference_set(
         resume.mkdir(parents=True, exist_ok=True)
         job = resume / "job.json"
         job.write_text(json.dumps({
-            "model": dict(model_params), "prompts": texts, "seeds": seeds, "steps": steps,
+            "model": model.params, "prompts": texts, "seeds": seeds, "steps": steps,
             "batch_size": int(params["batch_size"]), "out_dir": str(resume),
         }))
         launch_torchrun(REFERENCE_WORKER, job, processes)
@@ -68,17 +68,17 @@ def compute_reference_set(
 
 
 def compute_calibration_reference(
-    calibration_prompts: pd.DataFrame, model_params: dict[str, Any], params: dict[str, Any]
+    calibration_prompts: pd.DataFrame, model: ModelHandle, params: dict[str, Any]
 ) -> ReferenceSet:
     """Teachers for the prompts the policies are searched on."""
-    return compute_reference_set(calibration_prompts, model_params, params, "calibration")
+    return compute_reference_set(calibration_prompts, model, params, "calibration")
 
 
 def compute_holdout_reference(
-    holdout_prompts: pd.DataFrame, model_params: dict[str, Any], params: dict[str, Any]
+    holdout_prompts: pd.DataFrame, model: ModelHandle, params: dict[str, Any]
 ) -> ReferenceSet:
     """Teachers for the prompts the policies are judged on."""
-    return compute_reference_set(holdout_prompts, model_params, params, "holdout")
+    return compute_reference_set(holdout_prompts, model, params, "holdout")
 
 
 def summarise_references(calibration: ReferenceSet, holdout: ReferenceSet) -> dict[str, Any]:

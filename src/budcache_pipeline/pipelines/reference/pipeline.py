@@ -14,20 +14,20 @@ def create_pipeline(**kwargs: object) -> Pipeline:
         [
             Node(
                 compute_calibration_reference,
-                inputs=["calibration_prompts", "params:model", "params:reference"],
+                inputs=["calibration_prompts", "model", "params:reference"],
                 outputs="reference_calibration",
                 name="compute_calibration_reference",
             ),
             Node(
                 compute_holdout_reference,
-                inputs=["holdout_prompts", "params:model", "params:reference"],
+                inputs=["holdout_prompts", "model", "params:reference"],
                 outputs="reference_holdout",
                 name="compute_holdout_reference",
             ),
             Node(
                 summarise_references,
                 inputs=["reference_calibration", "reference_holdout"],
-                outputs="reference_summary",
+                outputs="reference_summary@json",
                 name="summarise_references",
             ),
         ]

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from budcache_pipeline.policy import CachePolicy
 
@@ -36,9 +32,14 @@ def collect_files(*groups: list[Path]) -> list[Path]:
     return [path for group in groups for path in group]
 
 
-def collect_tables(*paths: Path) -> list[Path]:
-    """The table files (one path each, from `<name>@file` views) as one list."""
+def collect_paths(*paths: Path) -> list[Path]:
+    """Files given one path each (`<name>@file` views) as one list."""
     return list(paths)
+
+
+def collect_folders(plots: list[Path], search: list[Path], align: list[Path]) -> dict[str, list[Path]]:
+    """The files the run logs in folders, by folder name: plots, the searches' records, the alignment reports."""
+    return {"plots": plots, "search": search, "align": align}
 
 
 def _stage_folder(files: list[Path], staging: Path, name: str) -> Path:
@@ -50,47 +51,6 @@ def _stage_folder(files: list[Path], staging: Path, name: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
     return folder
-
-
-def dvc_md5(path: Path) -> str:
-    """DVC's content hash of a file (md5) or a directory (md5 of its sorted file listing + `.dir`),
-    so the value matches the `md5` that `dvc.lock` records for the same data."""
-    if path.is_file():
-        return hashlib.md5(path.read_bytes()).hexdigest()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist: run the pipeline that produces it before registering")
-    entries = [
-        {"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(path).as_posix()}
-        for f in path.rglob("*")
-        if f.is_file()
-    ]
-    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
-    return hashlib.md5(listing.encode("utf-8")).hexdigest() + ".dir"
-
-
-def _lock_hashes(lock: Path) -> dict[str, str]:
-    """Every path's md5 recorded in `dvc.lock` (deps and outs of all stages)."""
-    if not lock.is_file():
-        return {}
-    recorded: dict[str, str] = {}
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for entry in [*stage.get("deps", []), *stage.get("outs", [])]:
-            if "md5" in entry:
-                recorded[entry["path"]] = entry["md5"]
-    return recorded
-
-
-def data_hash(paths: Iterable[str], project_root: Path) -> dict[str, Any]:
-    """The DVC data hash of the prompts and references a ladder was searched and judged on.
-
-    Each path's hash is DVC's md5; `source` says whether `dvc.lock` records the same
-    values (the run is a `dvc repro` of committed data) or they were only computed here.
-    """
-    hashes = {p: dvc_md5(project_root / p) for p in paths}
-    recorded = _lock_hashes(project_root / "dvc.lock")
-    source = "dvc.lock" if hashes and all(recorded.get(p) == h for p, h in hashes.items()) else "computed"
-    combined = hashlib.sha256("".join(f"{p} {h}\n" for p, h in sorted(hashes.items())).encode()).hexdigest()
-    return {"hash": combined, "paths": hashes, "source": source}
 
 
 def _metrics(prefix: str, value: Any) -> dict[str, float]:
@@ -105,32 +65,14 @@ def _metrics(prefix: str, value: Any) -> dict[str, float]:
     return {}
 
 
-def register_policies(
-    ladder: dict[int, CachePolicy],
+def _run_metrics(
     metrics_summary: dict[str, Any],
     search_summaries: dict[int, dict[str, Any]],
     alignment_reports: dict[int, dict[str, Any]],
-    reference_summary: dict[str, Any],
-    ingest_summary: dict[str, Any],
-    parameters: dict[str, Any],
-    plots: list[Path],
-    tables: list[Path],
-) -> dict[str, Any]:
-    """Log one MLflow run (every parameter, metrics, plots, tables, policies) and register the ladder as
-    a new version with alias `candidate`, tagged with code version, DVC data hash and model fingerprint.
-
-    `plots` (logged under `plots/`) and `tables` (metrics.csv, calibrations) come from the catalog, so
-    the DAG runs this node after the nodes that write them and it uploads exactly those files."""
-    # mlflow takes seconds to import; only this node needs it, so other pipelines start faster.
-    from budcache_pipeline.registry import CANDIDATE_ALIAS, code_version, find_project_root, log_run, register_ladder
-
-    params = parameters["register"]
-    root = find_project_root()
-    version = code_version(root)
-    data = data_hash(params["data_paths"], root)
-    fingerprint = next(iter(ladder.values())).model_fingerprint
+) -> dict[str, float]:
+    """The held-out metrics, and per budget what the search found and cost and what alignment did."""
     search = {
-        b: {
+        f"budget_{b}": {
             "calibration_mse": s["calibration_mse"],
             "start_spread_std": s["start_spread"]["std"],
             "start_spread_max": s["start_spread"]["max"],
@@ -142,34 +84,78 @@ def register_policies(
         for b, s in search_summaries.items()
     }
     alignment = {
-        b: {k: r[k] for k in ("accepted", "holdout_loss_before", "holdout_loss_after") if k in r}
+        f"budget_{b}": {k: r[k] for k in ("accepted", "holdout_loss_before", "holdout_loss_after") if k in r}
         for b, r in alignment_reports.items()
     }
-    metrics = {
-        **_metrics("", metrics_summary),
-        **_metrics("search", {f"budget_{b}": s for b, s in search.items()}),
-        **_metrics("align", {f"budget_{b}": a for b, a in alignment.items()}),
-    }
-    run_params = {
+    return {**_metrics("", metrics_summary), **_metrics("search", search), **_metrics("align", alignment)}
+
+
+def _run_params(
+    parameters: dict[str, Any],
+    ladder: dict[int, CachePolicy],
+    reference_summary: dict[str, Any],
+    ingest_summary: dict[str, Any],
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """Every parameter of the run, with the ladder's budgets, the data's sizes and the data's DVC hashes."""
+    data = provenance["data"]
+    return {
         **parameters,
         "budgets": ",".join(str(b) for b in sorted(ladder, reverse=True)),
         "reference": {**parameters.get("reference", {}), "pairs": reference_summary["pairs"]},
         "prompts": {"source": ingest_summary.get("source"), **ingest_summary["splits"]},
         "data": {"source": data["source"], **data["paths"]},
     }
-    tags = {"code_version": version, "dvc_data_hash": data["hash"], "model_fingerprint": fingerprint}
+
+
+def _run_name(parameters: dict[str, Any], budgets: str) -> str:
+    """`register.run_name`, else "<model> B=<budgets>"."""
+    model = parameters["model"]
+    return parameters["register"].get("run_name") or f"{model.get('name') or model['adapter']} B={budgets}"
+
+
+def register_policies(
+    ladder: dict[int, CachePolicy],
+    metrics_summary: dict[str, Any],
+    search_summaries: dict[int, dict[str, Any]],
+    alignment_reports: dict[int, dict[str, Any]],
+    reference_summary: dict[str, Any],
+    ingest_summary: dict[str, Any],
+    provenance: dict[str, Any],
+    parameters: dict[str, Any],
+    files: list[Path],
+    folders: dict[str, list[Path]],
+) -> dict[str, Any]:
+    """Log one MLflow run (every parameter, metrics, plots, tables, reports, policies) and register the ladder
+    as a new version with alias `candidate`, tagged with the code version, DVC data hash and model fingerprint
+    of `provenance`.
+
+    `files` (tables and summaries) and `folders` (plots, search, align) are the catalog's files the run logs;
+    taken as catalog inputs, they are written before this node runs and nothing else is uploaded."""
+    # mlflow takes seconds to import; only this node needs it, so other pipelines start faster.
+    from budcache_pipeline.registry import CANDIDATE_ALIAS, log_run, register_ladder
+
+    experiment = str(parameters["register"]["experiment"])
+    run_params = _run_params(parameters, ladder, reference_summary, ingest_summary, provenance)
+    tags = {
+        "code_version": provenance["code_version"],
+        "dvc_data_hash": provenance["data"]["hash"],
+        "model_fingerprint": provenance["model_fingerprint"],
+    }
     with tempfile.TemporaryDirectory() as staging:
+        staged = [_stage_folder(paths, Path(staging), name) for name, paths in folders.items()]
         run_id = log_run(
             run_params,
-            metrics,
-            artifacts=[_stage_folder(plots, Path(staging), "plots"), *tables, *(root / p for p in params["artifacts"])],
+            _run_metrics(metrics_summary, search_summaries, alignment_reports),
+            artifacts=[*files, *staged],
             policies=ladder,
-            experiment=str(params["experiment"]),
-            run_name=params.get("run_name") or f"{parameters['model'].get('name') or parameters['model']['adapter']} B={run_params['budgets']}",
+            experiment=experiment,
+            run_name=_run_name(parameters, run_params["budgets"]),
             tags=tags,
         )
     registered = register_ladder(
-        ladder, code_version=version, data_hash=data["hash"], run_id=run_id, experiment=str(params["experiment"])
+        ladder, code_version=tags["code_version"], data_hash=tags["dvc_data_hash"], run_id=run_id,
+        experiment=experiment,
     )
     logger.info(
         "registered %s version %s (alias %s), run %s", registered.name, registered.version, CANDIDATE_ALIAS, run_id
@@ -180,9 +166,9 @@ def register_policies(
         "alias": CANDIDATE_ALIAS,
         "run_id": run_id,
         "model_uri": registered.model_uri,
-        "code_version": version,
-        "dvc_data_hash": data["hash"],
-        "data_source": data["source"],
-        "model_fingerprint": fingerprint,
+        "code_version": tags["code_version"],
+        "dvc_data_hash": tags["dvc_data_hash"],
+        "data_source": provenance["data"]["source"],
+        "model_fingerprint": tags["model_fingerprint"],
         "budgets": sorted(ladder, reverse=True),
     }

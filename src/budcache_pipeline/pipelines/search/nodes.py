@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from budcache_pipeline.pipelines.common import load_model, model_spec, process_count
+from budcache_pipeline.pipelines.common import ModelHandle, process_count
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.search import (
     MaskObjective,
@@ -86,19 +86,19 @@ def _objective_options(params: dict[str, Any], forecast: str) -> dict[str, Any]:
 
 
 def _search(
-    reference: ReferenceSet, model_params: dict[str, Any], objective_options: dict[str, Any],
+    reference: ReferenceSet, model: ModelHandle, objective_options: dict[str, Any],
     budget: int, config: SearchConfig, checkpoint: Path | None, processes: int, progress: bool,
 ) -> dict[str, Any]:
     """The search's result, the prefix store's counters and the model's identity.
 
     In this process when `processes` is 1, else on that many torchrun ranks; the node reads
-    the same keys from either, so it picks neither runner itself.
+    the same keys from either, so it picks neither runner itself. Only the one-process search
+    loads the model here; torchrun ranks get its settings and each loads it itself.
     """
     if processes > 1:
-        return _search_under_torchrun(reference, model_params, objective_options, budget, config,
+        return _search_under_torchrun(reference, model.params, objective_options, budget, config,
                                       checkpoint, processes, progress)
-    adapter = load_model(model_params)
-    objective = MaskObjective(adapter, reference, **objective_options)
+    objective = MaskObjective(model.adapter, reference, **objective_options)
     bar = ProgressBar() if progress else None
     result = search_policy(objective, budget, config, checkpoint=checkpoint, progress=bar)
     return {"result": result, **search_record(objective)}
@@ -138,7 +138,7 @@ def _search_under_torchrun(
 def search_budget(
     reference_calibration: ReferenceSet,
     calibration_prompts: pd.DataFrame,
-    model_params: dict[str, Any],
+    model: ModelHandle,
     params: dict[str, Any],
     budget: int,
 ) -> tuple[CachePolicy, pd.DataFrame, dict[str, Any]]:
@@ -160,12 +160,12 @@ def search_budget(
     settings = config.settings(budget, len(reference), str(params.get("forecast", "reuse")))
     identity = {k: reference.manifest[k] for k in ("prompts_seeds_sha256", "model_fingerprint", "sigmas")}
     checkpoint = _checkpoint(params.get("checkpoint_dir"), budget, {**settings, **identity})
-    found = _search(reference, model_params, _objective_options(params, settings["forecast"]), budget,
+    found = _search(reference, model, _objective_options(params, settings["forecast"]), budget,
                     config, checkpoint, processes, bool(params.get("progress", False)))
     result: SearchResult = found["result"]
     policy = result_to_policy(
         result,
-        model_name=model_spec(model_params).registered_name,
+        model_name=model.spec.registered_name,
         model_fingerprint=found["model_fingerprint"],
         model_weights=found["model_weights"],
         sigmas=reference.sigmas,

@@ -6,12 +6,13 @@ from typing import Any
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
+from budcache_pipeline.pipelines.common import ModelHandle
 from budcache_pipeline.pipelines.search.nodes import search_budget
 from budcache_pipeline.policy import CachePolicy
 from budcache_pipeline.search import ReferenceSet
 
-SHARED_INPUTS = {"reference_calibration", "calibration_prompts"}
-SHARED_PARAMETERS = {"params:model", "params:search"}
+SHARED_INPUTS = {"reference_calibration", "calibration_prompts", "model"}
+SHARED_PARAMETERS = {"params:search"}
 
 
 def budget_namespace(budget: int) -> str:
@@ -24,10 +25,10 @@ def _search_node(budget: int) -> Callable[..., tuple[CachePolicy, pd.DataFrame, 
     def search_policy(
         reference_calibration: ReferenceSet,
         calibration_prompts: pd.DataFrame,
-        model_params: dict[str, Any],
+        model: ModelHandle,
         params: dict[str, Any],
     ) -> tuple[CachePolicy, pd.DataFrame, dict[str, Any]]:
-        return search_budget(reference_calibration, calibration_prompts, model_params, params, budget)
+        return search_budget(reference_calibration, calibration_prompts, model, params, budget)
 
     return search_policy
 
@@ -37,8 +38,8 @@ def _search_for(budget: int) -> Pipeline:
         [
             Node(
                 _search_node(budget),
-                inputs=["reference_calibration", "calibration_prompts", "params:model", "params:search"],
-                outputs=["policy", "search_history", "search_summary"],
+                inputs=["reference_calibration", "calibration_prompts", "model", "params:search"],
+                outputs=["policy", "search_history@pandas", "search_summary@json"],
                 name="search_policy",
             )
         ]
