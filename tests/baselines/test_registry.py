@@ -87,3 +87,8 @@ def test_a_baseline_added_by_one_registry_line_is_calibrated_and_run(monkeypatch
     assert method_from_json(calibration.method.to_json()) == calibration.method
     run = run_method(calibration.method, data)
     assert run.per_image and run.compute_steps.mean() == pytest.approx(calibration.mean_compute_steps)
+
+
+def test_only_caches_that_share_one_decision_across_a_batch_run_image_by_image():
+    assert {name for name, cls in BASELINES.items() if cls.per_image} == {"first_block_cache", "mag_cache"}
+    assert not FixedPolicy.per_image and not Uncached.per_image

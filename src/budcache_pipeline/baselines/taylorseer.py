@@ -2,7 +2,8 @@
 
 Its schedule is fixed by (warm-up steps, interval), so it is calibrated by enumerating
 every schedule that computes exactly the budget, at first and second order, and keeping
-the one with the lowest loss on the calibration set. One decision is shared by a batch.
+the one with the lowest loss on the calibration set. The schedule decides by step alone,
+so a batch gives every sample what batch-1 generation would: it runs batched.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ class TaylorSeer(Baseline, DiffusersCache):
     disable_cache_before_step: int
     max_order: int = 1
     kind: ClassVar[str] = "taylorseer"
-    per_image: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         for name in ("cache_interval", "disable_cache_before_step", "max_order"):
