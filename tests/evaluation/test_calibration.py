@@ -83,3 +83,15 @@ def test_teacache_start_mask_has_the_budget(calibrator, data):
     assert len(mask) == STEPS and sum(mask) == 5 and mask[0]
     with pytest.raises(BaselineError, match="needs a TeaCache method"):
         teacache_mask(FixedPolicy.uniform(STEPS, 5), data, 5)
+
+
+def test_a_baseline_left_out_is_warned_about_once_and_recorded(calibrator):
+    from budcache_pipeline.evaluation import calibrate_baselines
+
+    said, warned = [], []
+    found, skipped = calibrate_baselines(calibrator, ["uniform", "taylorseer"], [1], said.append, warned.append)
+    assert [c.name for c in found] == ["uniform"]
+    assert skipped == [{"method": "taylorseer", "budget": 1, "reason": skipped[0]["reason"]}]
+    assert "no TaylorSeer schedule" in skipped[0]["reason"]
+    assert len(warned) == 1 and warned[0].startswith("taylorseer is left out at budget 1")
+    assert len(said) == 1 and said[0].startswith("uniform B=1")

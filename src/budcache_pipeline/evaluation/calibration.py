@@ -336,13 +336,17 @@ def calibrate_baselines(
     entries: Sequence[str],
     budgets: Sequence[int],
     progress: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[list[Calibration], list[dict[str, Any]]]:
     """Every baseline entry tuned at every budget (largest first), and the ones left out with the reason.
+
+    `progress` gets a line per calibration, `warn` (default: `progress`) one per baseline left out.
 
     The order is fixed because a family's evaluations are shared across budgets: the Kedro
     evaluate node and the quality bench call this with the same entries and get the same thresholds.
     """
     say = progress or (lambda _: None)
+    left_out = warn or say
     calibrations, skipped = [], []
     for budget in sorted(budgets, reverse=True):
         for entry in entries:
@@ -350,7 +354,7 @@ def calibrate_baselines(
             try:
                 found = calibrator.calibrate(name, budget, match)
             except BaselineError as exc:
-                say(f"{entry} is left out at budget {budget}: {exc}")
+                left_out(f"{entry} is left out at budget {budget}: {exc}")
                 skipped.append({"method": str(entry), "budget": budget, "reason": str(exc)})
                 continue
             calibrations.append(found)

@@ -99,9 +99,9 @@ def evaluate_ladder(
         max_evaluations=int(params["max_calibration_evaluations"]),
         progress=logger.info,
     )
-    calibrations, skipped = calibrate_baselines(calibrator, params["baselines"], list(searched), logger.info)
-    for left_out in skipped:
-        logger.warning("%s is left out at budget %d: %s", left_out["method"], left_out["budget"], left_out["reason"])
+    calibrations, skipped = calibrate_baselines(
+        calibrator, params["baselines"], list(searched), logger.info, logger.warning
+    )
     methods = []
     for budget in sorted(searched, reverse=True):
         methods.append(EvalMethod(SEARCHED, budget, FixedPolicy.of(searched[budget])))
