@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from budcache_pipeline import CachePolicy, PolicyError, load_policy, model_fingerprint
+from budcache_pipeline.forecast_gains import ForecastGains
 from budcache_pipeline.policy import policy_schema, uniform_mask, weights_digest
 from tests.conftest import tiny_flux_pipeline, tiny_sd3_transformer
 
 SIGMAS = [1.0, 0.75, 0.5, 0.25, 0.0]
+GAINS = ForecastGains(((1.0, 1.0), (0.5, 1.25), (1.0, 1.0), (2.0, 0.0)), ((1.0, 1.0), (0.0, 3.0), (1.0, 1.0), (1.5, 1.0)))
 
 
 def valid() -> dict:
@@ -53,6 +55,19 @@ def test_linear_forecast_round_trips_and_matches_the_schema(tmp_path):
     jsonschema.validate(json.loads(policy.to_json()), policy_schema())
 
 
+def test_forecast_gains_make_a_version_3_policy_that_round_trips_and_matches_the_schema(tmp_path):
+    policy = CachePolicy.from_dict({**valid(), "forecast": "linear"})
+    gained = CachePolicy(policy.mask, "tiny", "abc", SIGMAS, forecast="linear", forecast_gains=GAINS)
+    assert policy.schema_version == 2 and gained.schema_version == 3, "only a policy with gains needs version 3"
+    again = load_policy(gained.save(tmp_path / "p.json"))
+    assert again == gained and again.forecast_gains == GAINS and again.to_json() == gained.to_json()
+    jsonschema.validate(json.loads(gained.to_json()), policy_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**json.loads(policy.to_json()), "forecast_gains": GAINS.to_dict()}, policy_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**json.loads(gained.to_json()), "forecast_gains": None}, policy_schema())
+
+
 def test_version_1_files_still_load_as_reuse_and_round_trip_unchanged(tmp_path):
     old = {key: value for key, value in valid().items() if key != "forecast"} | {"schema_version": 1}
     jsonschema.validate(old, policy_schema())
@@ -84,7 +99,20 @@ def mutate(**changes):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (mutate(schema_version=3), "'schema_version' is 3, this version of budcache reads \\[1, 2\\]"),
+        (mutate(schema_version=4), "'schema_version' is 4, this version of budcache reads \\[1, 2, 3\\]"),
+        (mutate(schema_version=3), "missing field\\(s\\) \\['forecast_gains'\\]"),
+        (mutate(forecast_gains=GAINS.to_dict()), "unknown field\\(s\\) \\['forecast_gains'\\] for schema version 2"),
+        (mutate(schema_version=3, forecast_gains=None), "'forecast_gains': forecast gains must be an object"),
+        (mutate(schema_version=3, forecast_gains={"residual": GAINS.to_dict()["residual"]}),
+         "exactly the keys \\['residual', 'slope'\\]"),
+        (mutate(schema_version=3, forecast_gains={**GAINS.to_dict(), "slope": [[1.0]] * 3}),
+         "'residual' has 4 rows and 'slope' 3"),
+        (mutate(schema_version=3, forecast_gains=ForecastGains.identity(3, 2).to_dict()),
+         "'forecast_gains' has 3 rows but 'steps' is 4"),
+        (mutate(schema_version=3, forecast_gains={**GAINS.to_dict(), "slope": [[1.0, 1.0]] * 3 + [[1.0]]}),
+         "'slope' rows have different lengths \\[1, 2\\]"),
+        (mutate(schema_version=3, forecast_gains={**GAINS.to_dict(), "residual": [[1.0, True]] * 4}),
+         "'residual' row 0 must be a non-empty list of numbers"),
         (mutate(forecast="quadratic"), "'forecast' is 'quadratic': use one of \\['reuse', 'linear'\\]"),
         (mutate(forecast=KeyError), "missing field\\(s\\) \\['forecast'\\]"),
         (mutate(schema_version=1), "unknown field\\(s\\) \\['forecast'\\] for schema version 1"),

@@ -42,6 +42,8 @@ QUALITY_BASELINES = (
 )
 """The evaluate pipeline's baseline entries, plus TeaCache with FLUX.1's published polynomial."""
 ALIGN_MAX_BUDGET_FRACTION = 0.3
+ALIGN_GAIN_CHANNELS = 64
+"""Forecast-gain channel groups the bench's alignment learns (the Kedro default, `align.gain_channels`)."""
 # Half the library's default SA and HC work: on the default model at 32 calibration pairs it found
 # the same masks as the defaults at every budget (linear forecast), in ~75% of the time.
 QUALITY_SEARCH = SearchConfig(sa_iterations=100, hc_rounds=10)
@@ -68,6 +70,7 @@ class _Bench:
     forecast: str
     progress: Callable[[str], None]
     out: pathlib.Path | None
+    gain_channels: int = ALIGN_GAIN_CHANNELS
     timings: dict[str, float] = field(default_factory=dict)
     references: dict[str, Any] = field(default_factory=dict)
 
@@ -122,11 +125,12 @@ class _Bench:
         return {"result": result, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_clock}
 
     def align(self, budget: int, mask: Sequence[bool], iterations: int) -> tuple[Any, dict[str, Any]]:
-        """The better of the full and the segment-only schedule alignment on the calibration set."""
+        """The better of the full and the segment-only schedule alignment (with forecast gains) on the calibration set."""
         clock = time.perf_counter()
         aligned = min(
             (align_schedule(self.adapter, self.references["calibration"], mask, variant=variant,
-                            iterations=iterations, progress=False, forecast=self.forecast)
+                            iterations=iterations, progress=False, forecast=self.forecast,
+                            gain_channels=self.gain_channels)
              for variant in ("full", "segment")),
             key=lambda a: a.loss_after,
         )
@@ -190,7 +194,7 @@ def _search_methods(
             aligned, entry["alignment"] = bench.align(budget, multi.mask, align_iterations)
             if aligned.improved:
                 methods.append(EvalMethod("budcache_aligned", budget,
-                                          FixedPolicy(multi.mask, aligned.sigmas, bench.forecast),
+                                          FixedPolicy(multi.mask, aligned.sigmas, bench.forecast, aligned.gains),
                                           {"calibration_loss": aligned.loss_after, "variant": aligned.variant}))
         searches[budget] = entry
     return searches, methods
@@ -209,6 +213,7 @@ def bench_quality(
     search: SearchConfig = QUALITY_SEARCH,
     align: bool = True,
     align_iterations: int = 40,
+    align_gain_channels: int = ALIGN_GAIN_CHANNELS,
     forecast: str = "linear",
     timing_images: int = 8,
     image_metrics: bool = True,
@@ -222,14 +227,16 @@ def bench_quality(
     `baselines` are evaluate-pipeline entries (`name` or `name@blocks`). `adapter` defaults to
     the shipped default model; image metrics come from its quality plug-in. `search` is the
     BudCache search's settings and `forecast` the searched policies' forecast ("reuse" is the
-    paper's plain reuse). `fid_samples` > 0 adds the
+    paper's plain reuse); `align_gain_channels` the forecast-gain groups alignment learns (0: sigmas
+    only). `fid_samples` > 0 adds the
     FID comparison of `bench_fid` at `fid_budgets` on that many more held-out pairs.
     """
     started = time.perf_counter()
     budgets = _checked_budgets(budgets, steps, fid_samples)
     adapter, model = _adapter_and_label(adapter)
     calibration_pairs, holdout_pairs = _checked_pairs(prompt_sets or default_prompt_sets(calibration_size, holdout_size))
-    bench = _Bench(adapter, model, steps, size, forecast, progress, pathlib.Path(out_dir) if out_dir else None)
+    bench = _Bench(adapter, model, steps, size, forecast, progress, pathlib.Path(out_dir) if out_dir else None,
+                   align_gain_channels)
     calibration, holdout = bench.compute_references(calibration_pairs, holdout_pairs)
     calibrator = BaselineCalibrator(calibration)
     calibrations, unreachable = bench.timed("baseline_calibration_seconds", calibrate_baselines,
@@ -281,6 +288,7 @@ def _settings(
         "calibration_prompts": [p for p, _, _ in calibration_pairs],
         "holdout_prompts": [p for p, _, _ in holdout_pairs],
         "align_iterations": align_iterations,
+        "align_gain_channels": bench.gain_channels,
         "forecast": bench.forecast,
     }
 

@@ -21,13 +21,19 @@ from typing import Any
 import torch
 
 from budcache_pipeline.atomic import write_text_atomic
+from budcache_pipeline.forecast_gains import ForecastGains, ForecastGainsError
 from budcache_pipeline.model_identity import model_fingerprint, weights_digest
 
 SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+GAINS_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 _FLOAT_DIGITS = 9
 _V1_FIELDS = {"schema_version", "mask", "budget", "steps", "sigmas", "model", "provenance"}
-_TOP_LEVEL_FIELDS = {1: _V1_FIELDS, 2: _V1_FIELDS | {"forecast"}}
+_TOP_LEVEL_FIELDS = {
+    1: _V1_FIELDS,
+    2: _V1_FIELDS | {"forecast"},
+    GAINS_SCHEMA_VERSION: _V1_FIELDS | {"forecast", "forecast_gains"},
+}
 FORECASTS = ("reuse", "linear")
 _MODEL_FIELDS = {"name", "fingerprint"}
 _OPTIONAL_MODEL_FIELDS = {"weights_digest"}
@@ -65,6 +71,10 @@ class CachePolicy:
     method) adds the last computed residual; "linear" extrapolates it in sigma from the
     last two computed residuals (TaylorSeer's idea at the level of the whole stack), at
     the same budget. Schema version 1 files predate `forecast` and read as "reuse".
+    `forecast_gains` (`forecast_gains.ForecastGains`, learned by schedule alignment) scale
+    that forecast per step and channel group; a policy that carries them is written as
+    schema version 3, so a budcache that cannot apply them refuses it instead of running
+    another forecast than the one evaluated.
     """
 
     mask: tuple[bool, ...]
@@ -75,8 +85,13 @@ class CachePolicy:
     schema_version: int = SCHEMA_VERSION
     forecast: str = "reuse"
     model_weights: str | None = None
+    forecast_gains: ForecastGains | None = None
 
     def __post_init__(self) -> None:
+        if self.forecast_gains is not None:
+            if not isinstance(self.forecast_gains, ForecastGains):
+                raise PolicyError("field 'forecast_gains' must be a ForecastGains (or null)")
+            object.__setattr__(self, "schema_version", max(self.schema_version, GAINS_SCHEMA_VERSION))
         if not isinstance(self.mask, (list, tuple)):
             raise PolicyError(f"field 'mask' is {type(self.mask).__name__}: give a list of true/false values")
         object.__setattr__(self, "mask", tuple(self.mask))
@@ -137,6 +152,8 @@ class CachePolicy:
         }
         if self.schema_version >= 2 or self.forecast != "reuse":
             data["forecast"] = self.forecast
+        if self.schema_version >= GAINS_SCHEMA_VERSION:
+            data["forecast_gains"] = self.forecast_gains.to_dict() if self.forecast_gains is not None else None
         return data
 
     def to_json(self) -> str:
@@ -159,6 +176,7 @@ class CachePolicy:
             schema_version=data["schema_version"],
             forecast=data.get("forecast", "reuse"),
             model_weights=data["model"].get("weights_digest"),
+            forecast_gains=ForecastGains.from_dict(data["forecast_gains"]) if "forecast_gains" in data else None,
         )
 
     @classmethod
@@ -180,7 +198,8 @@ class CachePolicy:
 
 
 MAX_POLICY_CHARS = 1_000_000
-"""A policy of 10,000 steps with its provenance is under 300 kB; anything larger is not one."""
+"""A policy of 10,000 steps with its provenance is under 300 kB, a 50-step one with forecast gains in 64
+channel groups about 130 kB; anything larger is not one."""
 MAX_POLICY_DEPTH = 16
 """Policies nest a few levels (provenance.search.*); checked before parsing, so no input exhausts the stack."""
 
@@ -245,6 +264,8 @@ def _validate(data: Any) -> None:
     if data["sigmas"] is not None:
         _check_sigmas(data["sigmas"], data["steps"])
     _check_model(data["model"])
+    if version >= GAINS_SCHEMA_VERSION:
+        _check_forecast_gains(data["forecast_gains"], data["steps"])
     _require_type("provenance", data["provenance"], dict, "an object")
     _round_floats(data["provenance"])
 
@@ -310,6 +331,16 @@ def _check_sigmas(sigmas: Any, steps: int) -> None:
         raise PolicyError("field 'sigmas' must be strictly decreasing: sort it and remove repeats")
     if sigmas[-1] != 0:
         raise PolicyError(f"field 'sigmas' must end at 0, ends at {sigmas[-1]}: append the final 0")
+
+
+def _check_forecast_gains(gains: Any, steps: int) -> None:
+    """Per-step gains of the same shape for the residual and the slope, one row per step."""
+    try:
+        parsed = ForecastGains.from_dict(gains)
+    except ForecastGainsError as exc:
+        raise PolicyError(f"field 'forecast_gains': {exc}") from exc
+    if parsed.steps != steps:
+        raise PolicyError(f"field 'forecast_gains' has {parsed.steps} rows but 'steps' is {steps}: give one row per step")
 
 
 def _check_model(model: Any) -> None:

@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from budcache_pipeline import CachePolicy, disable_budcache, enable_budcache
+from budcache_pipeline import CachePolicy, PolicyError, disable_budcache, enable_budcache
 from budcache_pipeline.caching import BudCacheError, get_runtime
+from budcache_pipeline.forecast_gains import ForecastGains, ForecastGainsError
 from budcache_pipeline.models.adapter import BoundDenoiser, Conditioning, Size
 from budcache_pipeline.models.flux import FluxAdapter
 from budcache_pipeline.sampling import rollout
@@ -140,6 +141,60 @@ def test_linear_forecast_on_the_stock_pipeline_equals_our_sampler(flux_pipe):
         ours = sampler_rollout(flux_pipe, policy)
         assert (ours.final - from_pipeline).abs().max().item() <= 1e-5
         assert (ours.final - reuse.final).abs().max().item() > 1e-4, "the forecast must change cached steps"
+
+
+def gains_changing(step: int, groups: int = 4) -> ForecastGains:
+    """Identity gains except at `step`, where each channel group gets its own residual and slope gain."""
+    residual = [[1.0] * groups for _ in range(STEPS)]
+    slope = [[1.0] * groups for _ in range(STEPS)]
+    residual[step] = [0.5 + 0.25 * g for g in range(groups)]
+    slope[step] = [2.0 - 0.5 * g for g in range(groups)]
+    return ForecastGains(residual, slope)
+
+
+def test_forecast_gains_scale_a_cached_step_and_deploy_as_evaluated(flux_pipe):
+    sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
+    mask = [i in (0, 3, 6, 14, 20) for i in range(STEPS)]
+    plain = CachePolicy(mask=mask, model_name="t", model_fingerprint="x", sigmas=sigmas, forecast="linear")
+    ones = CachePolicy(**{**plain.__dict__, "forecast_gains": ForecastGains.identity(STEPS, 4)})
+    gained = CachePolicy(**{**plain.__dict__, "forecast_gains": gains_changing(9)})
+    base = sampler_rollout(flux_pipe, plain)
+    assert torch.equal(sampler_rollout(flux_pipe, ones).final, base.final), "gains of 1 change nothing"
+    moved = sampler_rollout(flux_pipe, gained)
+    assert (moved.final - base.final).abs().max().item() > 1e-4
+    runtime = enable_budcache(flux_pipe, gained)
+    from_pipeline = run_flux(flux_pipe, sigmas=call_sigmas_for(flux_pipe, sigmas))
+    assert runtime.compute_counts() == {"cond": 5}
+    disable_budcache(flux_pipe)
+    assert (from_pipeline - moved.final).abs().max().item() <= 1e-5
+    prompt_embeds, pooled = flux_inputs()
+    latents, image_ids = flux_pipe.prepare_latents(2, 4, SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    denoiser = flux_denoiser(flux_pipe, prompt_embeds, pooled, image_ids)
+    captured = {}
+    for name, policy in (("plain", plain), ("gained", gained)):
+        runtime = enable_budcache(flux_pipe.transformer, policy)
+        try:
+            captured[name] = rollout(denoiser, runtime, latents, torch.tensor(sigmas), capture=(9, 10)).states
+        finally:
+            disable_budcache(flux_pipe.transformer)
+    assert torch.equal(captured["plain"][9].latents, captured["gained"][9].latents), "steps before 9 are untouched"
+    assert not torch.equal(captured["plain"][10].latents, captured["gained"][10].latents)
+
+
+def test_gains_that_do_not_fit_the_model_are_refused(flux_pipe):
+    sigmas = flux_default_sigmas(flux_pipe, STEPS, SIZE, SIZE)
+    mask = [i in (0, 14) for i in range(STEPS)]
+    with pytest.raises(PolicyError, match="'forecast_gains' has 27 rows but 'steps' is 28"):
+        CachePolicy(mask=mask, model_name="t", model_fingerprint="x", sigmas=sigmas,
+                    forecast_gains=ForecastGains.identity(27, 1))
+    policy = CachePolicy(mask=mask, model_name="t", model_fingerprint="x", sigmas=sigmas,
+                         forecast_gains=ForecastGains.identity(STEPS, 3))
+    enable_budcache(flux_pipe, policy)
+    try:
+        with pytest.raises(ForecastGainsError, match="3 channel groups, which do not divide the block stack's width 32"):
+            run_flux(flux_pipe, sigmas=call_sigmas_for(flux_pipe, sigmas))
+    finally:
+        disable_budcache(flux_pipe)
 
 
 def test_linear_forecast_extrapolates_the_last_two_residuals_in_sigma(flux_pipe):

@@ -119,3 +119,40 @@ def test_aligned_sigmas_deploy_exactly_on_the_default_pipeline():
     finally:
         disable_budcache(default.pipe)
     assert (deployed - sampled).abs().max().item() <= 1e-5
+
+
+def test_learned_forecast_gains_lower_the_loss_further_and_deploy_exactly(adapter, reference):
+    sigmas_only = align_schedule(adapter, reference, MASK, iterations=4, lr=0.01, progress=False, forecast="linear")
+    gained = align_schedule(adapter, reference, MASK, iterations=4, lr=0.01, progress=False, forecast="linear",
+                            gain_channels=64)
+    assert sigmas_only.gains is None
+    assert gained.gains is not None and gained.gains.channels == 32, "gcd(64, the tiny model's width 32)"
+    assert gained.gains.steps == STEPS and gained.loss_after < sigmas_only.loss_after < gained.loss_before
+    objective = MaskObjective(adapter, reference, sigmas=gained.sigmas, forecast="linear", gains=gained.gains)
+    assert objective(MASK) == pytest.approx(gained.loss_after, rel=LOSS_RELATIVE_TOLERANCE)
+    before, after = holdout_losses(adapter, reference, MASK, gained.sigmas, "linear", gained.gains)
+    assert before == pytest.approx(gained.loss_before, rel=LOSS_RELATIVE_TOLERANCE)
+    assert after == pytest.approx(gained.loss_after, rel=LOSS_RELATIVE_TOLERANCE)
+    policy = aligned_policy(CachePolicy(mask=MASK, model_name="tiny", model_fingerprint="x", forecast="linear"), gained)
+    policy = CachePolicy.from_json(policy.to_json())
+    assert policy.schema_version == 3 and policy.forecast_gains == gained.gains
+    assert policy.provenance["alignment"]["gain_channels"] == 32
+    size = Size(SIZE, SIZE)
+    conditioning, noise = adapter.prepare(PROMPTS, SEEDS, size)
+    runtime = enable_budcache(adapter.pipe, policy)
+    try:
+        deployed = adapter.pipe(
+            **adapter.pipeline_inputs(conditioning, noise, size),
+            **adapter.schedule_kwargs(list(policy.sigmas), size),
+            output_type="latent",
+        ).images
+        assert runtime.compute_counts() == {"cond": sum(MASK)}
+    finally:
+        disable_budcache(adapter.pipe)
+    assert (deployed - objective.final_latents(MASK)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("channels", [-1, 2.5, True, "64"])
+def test_gain_channels_must_be_a_whole_number(adapter, reference, channels):
+    with pytest.raises(ValueError, match="gain_channels must be an integer >= 0"):
+        align_schedule(adapter, reference, MASK, iterations=1, progress=False, gain_channels=channels)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from budcache_pipeline.caching.budcache import disable_budcache, enable_budcache
+from budcache_pipeline.forecast_gains import ForecastGains
 from budcache_pipeline.policy import CachePolicy, uniform_mask
 from budcache_pipeline.search.objective import mask_key
 
@@ -91,11 +92,13 @@ class Uncached(CacheMethod):
 
 @dataclass(frozen=True)
 class FixedPolicy(CacheMethod):
-    """A fixed mask run by BudCache's runtime, on its own (e.g. aligned) sigmas when it carries them."""
+    """A fixed mask run by BudCache's runtime, on its own (e.g. aligned) sigmas and forecast gains when it
+    carries them."""
 
     mask: tuple[bool, ...]
     sigmas: tuple[float, ...] | None = None  # type: ignore[assignment]
     forecast: str = "reuse"
+    gains: ForecastGains | None = None
     kind: ClassVar[str] = "policy"
 
     def __post_init__(self) -> None:
@@ -105,8 +108,8 @@ class FixedPolicy(CacheMethod):
 
     @classmethod
     def of(cls, policy: CachePolicy) -> FixedPolicy:
-        """A registered policy's mask and forecast (and its own sigmas, when it carries aligned ones)."""
-        return cls(policy.mask, policy.sigmas, policy.forecast)
+        """A registered policy's mask and forecast (and its own sigmas and gains, when alignment learned them)."""
+        return cls(policy.mask, policy.sigmas, policy.forecast, policy.forecast_gains)
 
     @classmethod
     def uniform(cls, steps: int, budget: int) -> FixedPolicy:
@@ -117,14 +120,21 @@ class FixedPolicy(CacheMethod):
         steps = len(sigmas) - 1
         if len(self.mask) != steps:
             raise BaselineError(f"the mask has {len(self.mask)} steps, the sampler's schedule {steps}")
-        policy = CachePolicy(self.mask, "baseline", "baseline", sigmas=sigmas.tolist(), forecast=self.forecast)
+        policy = CachePolicy(
+            self.mask, "baseline", "baseline", sigmas=sigmas.tolist(), forecast=self.forecast,
+            forecast_gains=self.gains,
+        )
         enable_budcache(transformer, policy)
 
     def disable(self, transformer: torch.nn.Module) -> None:
         disable_budcache(transformer)
 
     def settings(self) -> dict[str, Any]:
-        return {"mask": mask_key(self.mask), "forecast": self.forecast}
+        return {
+            "mask": mask_key(self.mask),
+            "forecast": self.forecast,
+            **({"gain_channels": self.gains.channels} if self.gains is not None else {}),
+        }
 
 
 def check_length(name: str, values: Sequence[Any], steps: int) -> None:

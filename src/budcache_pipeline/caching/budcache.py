@@ -4,7 +4,8 @@ On a compute step the block stack runs and its residual (output minus input, per
 stream) is stored; on a cached step no block runs and the stack's output is its
 input plus the stored residual, while the embedders, `norm_out` and `proj_out`
 still run with the current timestep. Under a "linear" forecast the cached step adds
-the residual extrapolated in sigma from the last two computed ones instead. The
+the residual extrapolated in sigma from the last two computed ones instead; a policy's
+forecast gains (learned by schedule alignment) scale both terms per step. The
 step index is found by matching the call's timestep against the schedule, so a caller that skips or repeats calls
 cannot silently shift the mask.
 """
@@ -20,6 +21,7 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, StateManager
 
 from budcache_pipeline.caching.runtime import BudCacheError, BudCacheRuntime, ContextState
+from budcache_pipeline.forecast_gains import per_channel
 from budcache_pipeline.policy import CachePolicy, model_fingerprint
 
 ROOT_HOOK = "budcache_root"
@@ -136,9 +138,10 @@ class _BlockHook(BlockStreamsHook):
             return output
         if self.is_head:
             delta = self._since_residual(state, hidden)
-            hidden = hidden + _forecast(state.residual_hidden, state.slope_hidden, delta)
+            gains = self.runtime.gains_at(state.step)
+            hidden = hidden + _forecast(state.residual_hidden, state.slope_hidden, delta, gains)
             if encoder is not None and state.residual_encoder is not None:
-                encoder = encoder + _forecast(state.residual_encoder, state.slope_encoder, delta)
+                encoder = encoder + _forecast(state.residual_encoder, state.slope_encoder, delta, gains)
         return self._as_output(hidden, encoder)
 
     def _store(self, state: ContextState, out_hidden: torch.Tensor, out_encoder: torch.Tensor | None) -> None:
@@ -197,9 +200,19 @@ def rotary_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return [child for child in transformer.children() if type(child).__name__ in _ROTARY_CLASSES]
 
 
-def _forecast(residual: torch.Tensor, slope: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
+def _forecast(
+    residual: torch.Tensor,
+    slope: torch.Tensor | None,
+    delta: torch.Tensor | None,
+    gains: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """What a cached step adds: the residual, plus its slope times the sigma moved, each scaled by the step's gains."""
+    if gains is not None:
+        residual = residual * per_channel(gains[0], residual)
     if slope is None or delta is None:
         return residual
+    if gains is not None:
+        slope = slope * per_channel(gains[1], slope)
     return residual + delta * slope
 
 
@@ -257,7 +270,12 @@ def enable_budcache(
             )
     blocks = transformer_blocks(transformer)
     runtime = BudCacheRuntime(
-        transformer, list(policy.mask), list(policy.sigmas) if policy.sigmas else None, scheduler, policy.forecast
+        transformer,
+        list(policy.mask),
+        list(policy.sigmas) if policy.sigmas else None,
+        scheduler,
+        policy.forecast,
+        policy.forecast_gains,
     )
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_RootHook(runtime), ROOT_HOOK)
     for index, (_, block) in enumerate(blocks):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from budcache_pipeline.forecast_gains import ForecastGains, check_steps
 from budcache_pipeline.policy import check_forecast
 
 _MATCH_RELATIVE_TOLERANCE = 8e-3
@@ -68,6 +69,7 @@ class BudCacheRuntime:
         sigmas: list[float] | None,
         scheduler: Any | None,
         forecast: str = "reuse",
+        gains: ForecastGains | None = None,
     ) -> None:
         self.forecast = check_forecast(forecast)
         self.transformer = transformer
@@ -80,6 +82,9 @@ class BudCacheRuntime:
         self.counts: dict[str, int] = {}
         self.mask = mask
         self.schedule = sigmas
+        check_steps(gains, self.steps)
+        device = next(transformer.parameters(), torch.empty(0)).device
+        self.gains: tuple[torch.Tensor, torch.Tensor] | None = gains.tensors(device) if gains is not None else None
 
     @property
     def mask(self) -> tuple[bool, ...]:
@@ -114,6 +119,16 @@ class BudCacheRuntime:
         self._schedule = sigmas
         self._schedule_values = sigmas.tolist()
         self._checked_live = None
+
+    def gains_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Step `step`'s residual and slope gains per channel group, or None when the policy has none.
+
+        `gains` may be set to tensors that require grad: alignment learns them through the rollout.
+        """
+        if self.gains is None:
+            return None
+        residual, slope = self.gains
+        return residual[step], slope[step]
 
     def compute_counts(self) -> dict[str, int]:
         """Block-stack computations per cache context since that context last started at step 0.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from budcache_pipeline.caching import BudCacheRuntime, ContextSnapshot, disable_budcache, enable_budcache, get_runtime
+from budcache_pipeline.forecast_gains import ForecastGains
 from budcache_pipeline.policy import CachePolicy, check_forecast, model_fingerprint
 from budcache_pipeline.sampling import RolloutState
 from budcache_pipeline.solvers import SolverState, euler_step, split_state, stack_states
@@ -47,13 +48,21 @@ def key_mask(key: str) -> list[bool]:
 
 @contextmanager
 def budcache_session(
-    transformer: torch.nn.Module, sigmas: Sequence[float], forecast: str = "reuse"
+    transformer: torch.nn.Module,
+    sigmas: Sequence[float],
+    forecast: str = "reuse",
+    gains: ForecastGains | None = None,
 ) -> Iterator[BudCacheRuntime]:
     """BudCache hooks on `transformer` for the duration of a block, so the pipe is left untouched afterwards."""
     check_uncached(transformer)
     steps = len(sigmas) - 1
     policy = CachePolicy(
-        mask=(True,) * steps, model_name="search", model_fingerprint="search", sigmas=list(sigmas), forecast=forecast
+        mask=(True,) * steps,
+        model_name="search",
+        model_fingerprint="search",
+        sigmas=list(sigmas),
+        forecast=forecast,
+        forecast_gains=gains,
     )
     runtime = enable_budcache(transformer, policy)
     try:
@@ -74,7 +83,8 @@ class MaskObjective:
     (the same rollouts run from the noise, each on its own) and `start_wall_seconds`.
     `sigmas` overrides the reference's schedule (to score learned schedules against
     the same teachers); `max_rows_per_forward` bounds how many candidate rows share a
-    forward (memory on big models); `forecast` is the policy's forecast the masks are scored under.
+    forward (memory on big models); `forecast` is the policy's forecast the masks are scored under,
+    `gains` its forecast gains (to score an aligned policy).
     `max_cached_states` and `max_state_bytes` bound the prefix states kept on the model's device,
     `max_host_state_bytes` a host-memory tier behind them (`search.prefix_store`); stats add the
     store's hits, misses, evictions and peak bytes.
@@ -97,6 +107,7 @@ class MaskObjective:
         max_state_bytes: int | None = None,
         max_host_state_bytes: int = 0,
         shard: Shard | None = None,
+        gains: ForecastGains | None = None,
     ) -> None:
         if len(reference) == 0:
             raise ReferenceSetError("the reference set is empty: give at least one (prompt, seed) pair")
@@ -108,6 +119,7 @@ class MaskObjective:
                 "recompute the reference for this model"
             )
         self.forecast = check_forecast(forecast)
+        self.gains = gains
         self.adapter = adapter
         self.shard = shard or Shard()
         self.manifest = reference.manifest
@@ -183,6 +195,7 @@ class MaskObjective:
                 forecast=self.forecast,
                 max_state_bytes=self.prefix_store.max_bytes,
                 max_host_state_bytes=self.prefix_store.max_host_bytes,
+                gains=self.gains,
             )
             if self.shard.distributed:
                 child.shard, child._total = self.shard, count
@@ -285,7 +298,7 @@ class MaskObjective:
         rows = self.local_rows
         computed = 0
         with torch.inference_mode(), budcache_session(
-            self.adapter.transformer, self.schedule, self.forecast
+            self.adapter.transformer, self.schedule, self.forecast, self.gains
         ) as runtime:
             for step in range(min(begins), self.steps):
                 members: dict[str, list[int]] = {}

@@ -30,8 +30,8 @@ def align_budget(
     model: ModelHandle,
     params: dict[str, Any],
 ) -> tuple[CachePolicy, dict[str, Any]]:
-    """Learn the sigma schedule for the policy's mask when its budget is tight; returns the policy to
-    evaluate (the searched one unless alignment also lowered the held-out loss) and a report.
+    """Learn the sigma schedule (and forecast gains) for the policy's mask when its budget is tight; returns
+    the policy to evaluate (the searched one unless alignment also lowered the held-out loss) and a report.
 
     Above `max_budget_fraction` of the steps, cached steps sit close to a computed one
     and the schedule has little to fix, so the searched policy passes through untouched
@@ -51,7 +51,7 @@ def align_budget(
     indices = calibration_subset(calibration_prompts, reference_calibration, params.get("calibration_size"))
     result = _learn_schedule(adapter, reference_calibration.subset(indices), policy, params)
     holdout_before, holdout_after = holdout_losses(
-        adapter, reference_holdout, policy.mask, result.sigmas, policy.forecast
+        adapter, reference_holdout, policy.mask, result.sigmas, policy.forecast, result.gains
     )
     accepted = accept_alignment(result, holdout_before, holdout_after, float(params.get("min_relative_gain", 0.0)))
     report.update(
@@ -92,6 +92,7 @@ def _learn_schedule(
         seed=int(params["seed"]),
         progress=bool(params.get("progress", False)),
         forecast=policy.forecast,
+        gain_channels=int(params.get("gain_channels") or 0),
     )
 
 
@@ -110,5 +111,6 @@ def _outcome(result: AlignmentResult, accepted: bool, holdout_before: float, hol
             else "learned schedule does not lower the held-out loss: searched schedule kept"
         ),
         "sigmas": result.sigmas,
+        "gain_channels": result.gains.channels if result.gains is not None else 0,
         "history": result.history,
     }
