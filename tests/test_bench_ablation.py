@@ -35,6 +35,21 @@ def test_every_variant_is_searched_at_every_budget_and_scored_on_held_out_pairs(
         assert by.loc["dp+hc", "calibration_mse"] <= by.loc["dp", "calibration_mse"]
         assert by.loc["uniform+sa+hc", "calibration_rollouts"] < by.loc["kedro", "calibration_rollouts"]
     assert "mean calibration rollouts per budget: kedro" in format_ablation(table)
+    assert (table["seed"] == 0).all() and "geometric mean over seeds" not in format_ablation(table)
+
+
+def test_each_seed_is_compared_with_the_default_at_the_same_seed():
+    table = bench_ablation((3,), steps=8, calibration_size=4, holdout_size=4, kedro_options=SMALL,
+                           variants={"dp": VARIANTS["dp"]}, seeds=(0, 5, 0), adapter=load_adapter({}),
+                           progress=lambda _: None)
+    assert list(table["seed"]) == [0, 0, 5, 5], "each seed once, every variant at each"
+    for seed, rows in table.groupby("seed"):
+        by = rows.set_index("variant")
+        assert by.loc["kedro", "holdout_vs_kedro"] == 1.0
+        assert by.loc["dp", "holdout_vs_kedro"] == pytest.approx(by.loc["dp", "holdout_mse"] / by.loc["kedro", "holdout_mse"])
+    assert "held-out MSE / default, geometric mean over seeds" in format_ablation(table)
+    with pytest.raises(ValueError, match="seeds must be a non-empty list of integers"):
+        bench_ablation((3,), steps=8, kedro_options=SMALL, seeds=(), adapter=object())
 
 
 def test_the_kedro_default_is_read_from_the_projects_conf_base(tmp_path):
@@ -62,5 +77,8 @@ def test_bad_budgets_are_refused_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "ablation", "--budgets", "5,x"])
     assert exit_info.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "ablation", "--seeds", "0,one"])
+    assert exit_info.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="between 1 and steps - 1"):
         bench_ablation((8,), steps=8, kedro_options=SMALL, adapter=object())

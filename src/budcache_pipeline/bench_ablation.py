@@ -1,8 +1,10 @@
 """`budcache bench ablation`: what each phase of the search buys on held-out pairs, and what it costs.
 
-Every variant searches the same calibration reference at every budget; the held-out MSE
-is the final-latent MSE of its mask against the uncached model on the bench's held-out
-pairs (the quality bench's `latent_mse`), and the cost is in calibration rollouts.
+Every variant searches the same calibration reference at every budget and seed; the held-out
+MSE is the final-latent MSE of its mask against the uncached model on the bench's held-out
+pairs (the quality bench's `latent_mse`), and the cost is in calibration rollouts. At loose
+budgets the search's seed moves the result more than most settings do, so a setting is
+judged over several seeds (`seeds`), each variant against the Kedro default at the same seed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from budcache_pipeline.models.adapter import Size
@@ -29,7 +32,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Search variants by their phases; options not named are the Kedro default's (`kedro`), and a variant
 that names its starts uses them at every budget."""
 _SEARCH_KEYS = (*(f.name for f in fields(SearchConfig)), *TIGHT_KEYS)
-COLUMNS = ["budget", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
+COLUMNS = ["budget", "seed", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
            "search_seconds", "mask"]
 
 
@@ -60,10 +63,14 @@ def bench_ablation(
     kedro_options: Mapping[str, Any],
     forecast: str = "linear",
     variants: Mapping[str, Mapping[str, Any]] = VARIANTS,
+    seeds: Sequence[int] = (0,),
     adapter: Any = None,
     progress: Callable[[str], None] = print,
 ) -> pd.DataFrame:
-    """One row per (budget, variant): calibration and held-out MSE, cost in calibration rollouts, mask."""
+    """One row per (budget, seed, variant): calibration and held-out MSE, cost in calibration rollouts, mask.
+
+    `seeds` replace the search seed of every variant, the Kedro default's included.
+    """
     from budcache_pipeline.bench_quality import default_prompt_sets
     from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
     from budcache_pipeline.search.objective import mask_key
@@ -71,6 +78,9 @@ def bench_ablation(
     budgets = sorted({int(b) for b in budgets}, reverse=True)
     if not budgets or not all(1 <= b < steps for b in budgets):
         raise ValueError(f"budgets must lie between 1 and steps - 1 = {steps - 1}, got {budgets}")
+    seeds = list(dict.fromkeys(seeds))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers, got {seeds}")
     if adapter is None:
         from budcache_pipeline.models.spec import load_adapter
 
@@ -85,18 +95,20 @@ def bench_ablation(
     everything = {"kedro": dict(kedro_options), **{n: _variant(kedro_options, o) for n, o in variants.items()}}
     rows = []
     for budget in budgets:
-        for name, chosen in everything.items():
-            clock = time.perf_counter()
-            config = SearchConfig.from_params(chosen, budget, steps)
-            result = search_policy(MaskObjective(adapter, references[0], forecast=forecast), budget, config)
-            rows.append({"budget": budget, "variant": name, "calibration_mse": result.loss,
-                         "holdout_mse": holdout(result.mask), "calibration_rollouts": result.cost["calibration_rollouts"],
-                         "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
-            progress(f"B={budget} {name}: held-out {rows[-1]['holdout_mse']:.3e}, "
-                     f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
+        for seed in seeds:
+            for name, chosen in everything.items():
+                clock = time.perf_counter()
+                config = SearchConfig.from_params({**chosen, "seed": seed}, budget, steps)
+                result = search_policy(MaskObjective(adapter, references[0], forecast=forecast), budget, config)
+                rows.append({"budget": budget, "seed": seed, "variant": name, "calibration_mse": result.loss,
+                             "holdout_mse": holdout(result.mask),
+                             "calibration_rollouts": result.cost["calibration_rollouts"],
+                             "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
+                progress(f"B={budget} seed {seed} {name}: held-out {rows[-1]['holdout_mse']:.3e}, "
+                         f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
     table = pd.DataFrame(rows)
-    kedro = table[table["variant"] == "kedro"].set_index("budget")["holdout_mse"]
-    table["holdout_vs_kedro"] = table["holdout_mse"] / table["budget"].map(kedro)
+    kedro = table[table["variant"] == "kedro"].set_index(["budget", "seed"])["holdout_mse"]
+    table["holdout_vs_kedro"] = table["holdout_mse"] / kedro.reindex(pd.MultiIndex.from_frame(table[["budget", "seed"]])).to_numpy()
     return table[COLUMNS]
 
 
@@ -109,7 +121,14 @@ def _variant(kedro_options: Mapping[str, Any], variant: Mapping[str, Any]) -> di
 
 
 def format_ablation(table: pd.DataFrame) -> str:
-    """The ablation as a terminal table, with the mean cost per variant underneath."""
+    """The ablation as a terminal table, with the mean cost per variant underneath and, over several seeds,
+    each variant's geometric-mean held-out MSE relative to the default per budget."""
     shown = table.to_string(index=False, float_format=lambda v: f"{v:.3g}")
     means = table.groupby("variant", sort=False)["calibration_rollouts"].mean()
-    return shown + "\n\nmean calibration rollouts per budget: " + ", ".join(f"{n} {v:.2f}" for n, v in means.items())
+    text = shown + "\n\nmean calibration rollouts per budget: " + ", ".join(f"{n} {v:.2f}" for n, v in means.items())
+    if table["seed"].nunique() > 1:
+        relative = np.exp(np.log(table["holdout_vs_kedro"]).groupby([table["budget"], table["variant"]], sort=False)
+                          .mean()).unstack("variant")
+        text += "\n\nheld-out MSE / default, geometric mean over seeds:\n" + relative.to_string(
+            float_format=lambda v: f"{v:.3g}")
+    return text

@@ -127,15 +127,13 @@ class _Bench:
     def align(self, budget: int, mask: Sequence[bool], iterations: int) -> tuple[Any, dict[str, Any]]:
         """The better of the full and the segment-only schedule alignment (with forecast gains) on the calibration set."""
         clock = time.perf_counter()
-        aligned = min(
-            (align_schedule(self.adapter, self.references["calibration"], mask, variant=variant,
-                            iterations=iterations, progress=False, forecast=self.forecast,
-                            gain_channels=self.gain_channels)
-             for variant in ("full", "segment")),
-            key=lambda a: a.loss_after,
-        )
+        results = [align_schedule(self.adapter, self.references["calibration"], mask, variant=variant,
+                                  iterations=iterations, progress=False, forecast=self.forecast,
+                                  gain_channels=self.gain_channels) for variant in ("full", "segment")]
+        aligned = min(results, key=lambda a: a.loss_after)
         report = {"variant": aligned.variant, "calibration_loss_before": aligned.loss_before,
-                  "calibration_loss_after": aligned.loss_after, "seconds": time.perf_counter() - clock}
+                  "calibration_loss_after": aligned.loss_after, "seconds": time.perf_counter() - clock,
+                  "calibration_rollouts": sum(r.cost["calibration_rollouts"] for r in results)}
         self.progress(f"alignment B={budget}: {aligned.variant} {aligned.loss_before:.4g} -> {aligned.loss_after:.4g}")
         return aligned, report
 

@@ -27,6 +27,13 @@ def _budget_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from exc
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -76,7 +83,8 @@ def _bench_ablation(args: argparse.Namespace) -> int:
 
     options, forecast = kedro_search_options(find_project_root(), args.env)
     budgets = args.budgets or ABLATION_BUDGETS
-    table = bench_ablation(budgets, calibration_size=args.calibration, kedro_options=options, forecast=forecast)
+    table = bench_ablation(budgets, calibration_size=args.calibration, kedro_options=options, forecast=forecast,
+                           seeds=args.seeds or (0,))
     print(format_ablation(table))
     if args.csv:
         write_text_atomic(args.csv, table.to_csv(index=False))
@@ -250,6 +258,8 @@ def _add_bench_ablation(benches: argparse._SubParsersAction) -> None:
                           help="comma-separated compute budgets of 28 steps (default 14,10,7,5,4,3)")
     ablation.add_argument("--calibration", type=_positive_int, default=16,
                           help="calibration pairs (default 16, the Kedro default)")
+    ablation.add_argument("--seeds", type=_seed_list,
+                          help="comma-separated search seeds, each variant run at each (default 0)")
     ablation.add_argument("--env", help="the Kedro environment whose search settings are the default (default local)")
     ablation.add_argument("--csv", help="also write the table as CSV here")
     ablation.set_defaults(handler=_bench_ablation)

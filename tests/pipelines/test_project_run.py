@@ -114,6 +114,8 @@ def test_alignment_is_tried_only_under_the_budget_fraction(reduced_run):
     assert reports[3]["attempted"]
     final = load_policy(reduced_run / "data" / "06_models" / "policies" / "budget_3.json")
     assert ("alignment" in final.provenance) == reports[3]["accepted"]
+    assert reports[3]["cost"]["forward_rollouts"] == 2 + 3, "2 iterations, then 3 scoring rollouts"
+    assert (final.forecast_gains is not None) == (reports[3]["accepted"] and reports[3]["gain_channels"] == 64)
 
 
 def test_register_logs_one_run_and_a_candidate_version_with_lineage_tags(reduced_run):

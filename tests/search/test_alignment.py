@@ -126,6 +126,9 @@ def test_learned_forecast_gains_lower_the_loss_further_and_deploy_exactly(adapte
     gained = align_schedule(adapter, reference, MASK, iterations=4, lr=0.01, progress=False, forecast="linear",
                             gain_channels=64)
     assert sigmas_only.gains is None
+    assert gained.cost["forward_rollouts"] == 7 and gained.cost["backward_rollouts"] == 4
+    assert gained.cost["calibration_rollouts"] == pytest.approx(sum(MASK) * (7 + 2 * 4) / STEPS)
+    assert gained.cost["calibration_pairs"] == len(PROMPTS) and gained.cost["wall_seconds"] > 0
     assert gained.gains is not None and gained.gains.channels == 32, "gcd(64, the tiny model's width 32)"
     assert gained.gains.steps == STEPS and gained.loss_after < sigmas_only.loss_after < gained.loss_before
     objective = MaskObjective(adapter, reference, sigmas=gained.sigmas, forecast="linear", gains=gained.gains)

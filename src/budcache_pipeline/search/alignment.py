@@ -15,6 +15,7 @@ A learned schedule is kept only when it also wins on held-out pairs (`accept_ali
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,7 +37,7 @@ Gains = tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class AlignmentResult:
     """Learned sigmas (steps + 1, the schedule the transformer sees), forecast gains when they were
-    learned, and calibration losses before/after."""
+    learned, calibration losses before/after, and what it cost (`alignment_cost`)."""
 
     sigmas: list[float]
     loss_before: float
@@ -44,6 +45,7 @@ class AlignmentResult:
     variant: str
     history: list[float] = field(default_factory=list)
     gains: ForecastGains | None = None
+    cost: dict[str, float] = field(default_factory=dict)
 
     @property
     def improved(self) -> bool:
@@ -137,6 +139,7 @@ def align_schedule(
     if isinstance(gain_channels, bool) or not isinstance(gain_channels, int) or gain_channels < 0:
         raise ValueError(f"gain_channels must be an integer >= 0 (0: no gains), got {gain_channels!r}")
     torch.manual_seed(seed)
+    started = time.perf_counter()
     runs = _Rollouts(adapter, reference, mask, forecast)
     device = runs.objective.sigmas.device
     base = torch.tensor(reference.sigmas, dtype=torch.float64, device=device)
@@ -178,7 +181,25 @@ def align_schedule(
     finally:
         for p, flag in zip(parameters, trainable):
             p.requires_grad_(flag)
-    return AlignmentResult(best_sigmas, loss_before, best_loss, variant, history, kept_gains)
+    cost = alignment_cost(sum(runs.mask), len(runs.mask), iterations, len(reference), time.perf_counter() - started)
+    return AlignmentResult(best_sigmas, loss_before, best_loss, variant, history, kept_gains, cost)
+
+
+def alignment_cost(budget: int, steps: int, iterations: int, pairs: int, seconds: float) -> dict[str, float]:
+    """Alignment's work in the search's unit, calibration rollouts (block-stack calls on the batch / steps).
+
+    Every iteration runs the cached rollout forward and back (a backward pass through the
+    block stack costs about two forwards); three more forward rollouts score the start, the
+    last step and the kept schedule at policy precision.
+    """
+    forward, backward = iterations + 3, iterations
+    return {
+        "forward_rollouts": forward,
+        "backward_rollouts": backward,
+        "calibration_pairs": pairs,
+        "calibration_rollouts": budget * (forward + 2 * backward) / steps,
+        "wall_seconds": seconds,
+    }
 
 
 def holdout_losses(

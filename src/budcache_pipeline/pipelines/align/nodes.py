@@ -112,5 +112,6 @@ def _outcome(result: AlignmentResult, accepted: bool, holdout_before: float, hol
         ),
         "sigmas": result.sigmas,
         "gain_channels": result.gains.channels if result.gains is not None else 0,
+        "cost": result.cost,
         "history": result.history,
     }
