@@ -3,6 +3,7 @@ and a baseline added by one registry line is calibrated and run like the shipped
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +28,7 @@ from budcache_pipeline.baselines import (
 from budcache_pipeline.bench_quality import QUALITY_BASELINES
 from budcache_pipeline.evaluation import BaselineCalibrator, parse_entry, run_method
 from budcache_pipeline.evaluation.shards import method_digest
+from budcache_pipeline.forecast_gains import ForecastGains
 from tests.fakes import flux_rollout_set
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +36,8 @@ EXAMPLES = (
     Uncached(),
     FixedPolicy([True, False, True, False]),
     FixedPolicy([True, False, True, False], sigmas=[1.0, 0.7, 0.4, 0.2, 0.0], forecast="linear"),
+    FixedPolicy([True, False, True, False], forecast="linear",
+                gains=ForecastGains(((1.0, 1.0), (0.5, 2.0), (1.0, 1.0), (1.5, 0.25)), ((1.0, 1.0),) * 4)),
     TeaCache(0.4),
     PublishedTeaCache(0.2),
     FirstBlockCache(0.05),
@@ -44,7 +48,7 @@ EXAMPLES = (
 
 @pytest.mark.parametrize("method", EXAMPLES, ids=lambda m: m.kind)
 def test_every_method_survives_a_job_file(method):
-    back = method_from_json(method.to_json())
+    back = method_from_json(json.loads(json.dumps(method.to_json())))
     assert back == method and type(back) is type(method)
     assert method_digest(back) == method_digest(method)
 

@@ -105,6 +105,8 @@ class FixedPolicy(CacheMethod):
         object.__setattr__(self, "mask", tuple(bool(m) for m in self.mask))
         if self.sigmas is not None:
             object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        if isinstance(self.gains, dict):
+            object.__setattr__(self, "gains", ForecastGains.from_dict(self.gains))
 
     @classmethod
     def of(cls, policy: CachePolicy) -> FixedPolicy:
@@ -128,6 +130,10 @@ class FixedPolicy(CacheMethod):
 
     def disable(self, transformer: torch.nn.Module) -> None:
         disable_budcache(transformer)
+
+    def params(self) -> dict[str, Any]:
+        """As for every method, with the gains as their JSON object (a job file's `gains`)."""
+        return {**super().params(), "gains": self.gains.to_dict() if self.gains is not None else None}
 
     def settings(self) -> dict[str, Any]:
         return {
