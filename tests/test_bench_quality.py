@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 import budcache_pipeline.bench_quality as quality_bench
 from budcache_pipeline.bench_quality import bench_quality
@@ -66,6 +68,8 @@ def test_reduced_bench_reports_every_figure(result, figures):
     assert 0 < result["reuse_over_naive"] <= 1
     assert result["multi_over_single"] > 0
     assert set(result["search_seconds"]) == {"4", "2"}
+    assert result["settings"]["search_budget_settings"] == {"10": {"dp_samples": 2}, "7": {"dp_samples": 2,
+                                                                                          "sa_iterations": 50}}
     rows = pd.DataFrame(result["rows"])
     assert rows.iloc[0]["method"] == "uncached"
     for method in ("budcache", "budcache_single", "uniform", "teacache", "first_block_cache"):
@@ -115,3 +119,9 @@ def test_bad_budgets_are_refused():
 def test_a_single_fid_sample_is_refused():
     with pytest.raises(ValueError, match="fid_samples must be 0"):
         bench_quality(budgets=(4,), steps=8, adapter=object(), fid_samples=1)
+
+
+def test_the_bench_searches_with_the_kedro_defaults_budget_settings():
+    conf = Path(__file__).parents[1] / "conf" / "base" / "parameters_search.yml"
+    kedro = yaml.safe_load(conf.read_text())["search"]["budget_settings"]
+    assert quality_bench.QUALITY_BUDGET_SETTINGS == kedro

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from budcache_pipeline.models.adapter import Size
-from budcache_pipeline.search.config import TIGHT_KEYS, SearchConfig
+from budcache_pipeline.search.config import BUDGET_SETTINGS_KEY, TIGHT_KEYS, SearchConfig
 
 ABLATION_BUDGETS = (14, 10, 7, 5, 4, 3)
 _PHASES_OFF = {"sa_iterations": 0, "hc_rounds": 0}
@@ -29,9 +29,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dp+sa+hc": {"starts": ["dp"]},
     "uniform+sa+hc": {"starts": ["uniform"]},
 }
-"""Search variants by their phases; options not named are the Kedro default's (`kedro`), and a variant
-that names its starts uses them at every budget."""
-_SEARCH_KEYS = (*(f.name for f in fields(SearchConfig)), *TIGHT_KEYS)
+"""Search variants by their phases; options not named are the Kedro default's (`kedro`) without its
+per-budget settings, and a variant that names its starts uses them at every budget."""
+_SEARCH_KEYS = (*(f.name for f in fields(SearchConfig)), *TIGHT_KEYS, BUDGET_SETTINGS_KEY)
 COLUMNS = ["budget", "seed", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
            "search_seconds", "mask"]
 
@@ -114,6 +114,7 @@ def bench_ablation(
 
 def _variant(kedro_options: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str, Any]:
     options = {**kedro_options, **variant}
+    options.pop(BUDGET_SETTINGS_KEY, None)
     if "starts" in variant:
         for key in TIGHT_KEYS:
             options.pop(key, None)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,6 +47,8 @@ ALIGN_GAIN_CHANNELS = 64
 # Half the library's default SA and HC work: on the default model at 32 calibration pairs it found
 # the same masks as the defaults at every budget (linear forecast), in ~75% of the time.
 QUALITY_SEARCH = SearchConfig(sa_iterations=100, hc_rounds=10)
+QUALITY_BUDGET_SETTINGS: dict[int, dict[str, Any]] = {10: {"dp_samples": 2}, 7: {"dp_samples": 2, "sa_iterations": 50}}
+"""Settings that replace QUALITY_SEARCH's at single budgets: the Kedro default's `search.budget_settings`."""
 
 Pairs = Sequence[tuple[str, int, int]]
 
@@ -171,6 +173,7 @@ def _search_methods(
     calibration: RolloutSet,
     calibrations: Sequence[Calibration],
     search: SearchConfig,
+    budget_settings: Mapping[int, Mapping[str, Any]],
     align_iterations: int | None,
 ) -> tuple[dict[int, dict[str, Any]], list[EvalMethod]]:
     """Per budget the searches (TeaCache's mask as an extra start), the alignment at tight budgets, and
@@ -182,7 +185,7 @@ def _search_methods(
         entry: dict[str, Any] = {}
         for label, data in (("multi", calibration), ("single", calibration.subset(slice(0, 1)))):
             extra = {"teacache": teacache_mask(tea_by_budget[budget], data, budget)} if budget in tea_by_budget else {}
-            entry[label] = bench.search(label, budget, search, extra)
+            entry[label] = bench.search(label, budget, replace(search, **budget_settings.get(budget, {})), extra)
         multi, single = entry["multi"]["result"], entry["single"]["result"]
         methods.append(EvalMethod("budcache", budget, FixedPolicy(multi.mask, forecast=bench.forecast),
                                   {"calibration_loss": multi.loss}))
@@ -209,6 +212,7 @@ def bench_quality(
     size: int = 16,
     baselines: Sequence[str] = QUALITY_BASELINES,
     search: SearchConfig = QUALITY_SEARCH,
+    budget_settings: Mapping[int, Mapping[str, Any]] = QUALITY_BUDGET_SETTINGS,
     align: bool = True,
     align_iterations: int = 40,
     align_gain_channels: int = ALIGN_GAIN_CHANNELS,
@@ -224,7 +228,7 @@ def bench_quality(
 
     `baselines` are evaluate-pipeline entries (`name` or `name@blocks`). `adapter` defaults to
     the shipped default model; image metrics come from its quality plug-in. `search` is the
-    BudCache search's settings and `forecast` the searched policies' forecast ("reuse" is the
+    BudCache search's settings, `budget_settings` replacements for single budgets, and `forecast` the searched policies' forecast ("reuse" is the
     paper's plain reuse); `align_gain_channels` the forecast-gain groups alignment learns (0: sigmas
     only). `fid_samples` > 0 adds the
     FID comparison of `bench_fid` at `fid_budgets` on that many more held-out pairs.
@@ -239,7 +243,7 @@ def bench_quality(
     calibrator = BaselineCalibrator(calibration)
     calibrations, unreachable = bench.timed("baseline_calibration_seconds", calibrate_baselines,
                                             calibrator, baselines, budgets, progress)
-    searches, methods = _search_methods(bench, budgets, calibration, calibrations, search,
+    searches, methods = _search_methods(bench, budgets, calibration, calibrations, search, budget_settings,
                                         align_iterations if align else None)
     methods += [EvalMethod(c.name, c.budget, c.method, c.info()) for c in calibrations]
     quality = adapter.quality_metrics(bench.references["holdout"], [str(c) for _, c, _ in holdout_pairs]) \
@@ -253,6 +257,7 @@ def bench_quality(
     bench.plot(table, searches, finals, quality)
     bench.timings["total_seconds"] = time.perf_counter() - started
     settings = _settings(bench, calibration_pairs, holdout_pairs, search, baselines, align_iterations)
+    settings["search_budget_settings"] = {str(b): dict(o) for b, o in budget_settings.items()}
     summary = quality_summary(table, searches, calibrations, budgets, _per_sample_mse(finals, holdout))
     summary.update(run_record(adapter.transformer, calibrator, calibrations, unreachable, bench.timings, settings,
                               table))

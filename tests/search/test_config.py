@@ -17,10 +17,10 @@ def test_the_defaults_record_what_policies_have_always_recorded():
         "starts": ["dp", "uniform", "front_loaded", "random"], "forced": [0], "seed": 0, "sa_iterations": 200,
         "hc_rounds": 20, "screen_samples": 4, "dp_samples": 4,
     }
-    settings = SearchConfig.from_params(BASE, 10, 28).settings(10, 16, "linear")
+    settings = SearchConfig.from_params(BASE, 14, 28).settings(14, 16, "linear")
     assert list(settings) == ["budget", "starts", "forced", "seed", "sa_iterations", "hc_rounds", "screen_samples",
                               "dp_samples", "calibration_pairs", "forecast"]
-    assert settings == {"budget": 10, "starts": ["dp"], "forced": [0], "seed": 0, "sa_iterations": 100, "hc_rounds": 8,
+    assert settings == {"budget": 14, "starts": ["dp"], "forced": [0], "seed": 0, "sa_iterations": 100, "hc_rounds": 8,
                         "screen_samples": 4, "dp_samples": 4, "calibration_pairs": 16, "forecast": "linear"}
 
 
@@ -33,6 +33,28 @@ def test_tight_budgets_take_the_tight_starts():
         SearchConfig.from_params({**BASE, "tight_budget_fraction": 2}, 3, 28)
     with pytest.raises(SearchSetupError, match="tight_starts: unknown start 'unifrom'"):
         SearchConfig.from_params({**BASE, "tight_starts": ["unifrom"]}, 20, 28)
+
+
+def test_budget_settings_replace_the_others_at_their_budget_only():
+    assert SearchConfig.from_params(BASE, 7, 28) == SearchConfig(starts=("dp",), sa_iterations=50, hc_rounds=8,
+                                                                 dp_samples=2)
+    assert SearchConfig.from_params(BASE, 10, 28).dp_samples == 2
+    assert SearchConfig.from_params(BASE, 14, 28).dp_samples == 4
+    given = {"starts": ["dp"], "budget_settings": {"5": {"starts": ["random"], "seed": 3}}}
+    assert SearchConfig.from_params(given, 5, 28) == SearchConfig(starts=("random",), seed=3), "keys read from text"
+    assert SearchConfig.from_params({**BASE, "budget_settings": None}, 7, 28).sa_iterations == 100
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ([7, {"dp_samples": 2}], "budget_settings must be a mapping from budgets"),
+    ({"seven": {"dp_samples": 2}}, "budget_settings must be a mapping from budgets"),
+    ({7: 2}, "budget_settings must be a mapping from budgets"),
+    ({7: {"dp_sample": 2}}, "budget_settings\\[7\\]: unknown setting\\(s\\) \\['dp_sample'\\]"),
+    ({7: {"dp_samples": 0}}, "dp_samples must be an integer >= 1, got 0"),
+])
+def test_bad_budget_settings_are_refused_by_name(value, message):
+    with pytest.raises(SearchSetupError, match=message):
+        SearchConfig.from_params({**BASE, "budget_settings": value}, 7, 28)
 
 
 def test_an_unknown_parameter_is_refused_by_name():
@@ -85,4 +107,4 @@ def test_a_bad_setting_is_refused_naming_the_field_and_what_it_must_be(field, va
     with pytest.raises(SearchSetupError, match=f"search setting {message}"):
         SearchConfig(**{field: value})
     with pytest.raises(SearchSetupError, match=f"search setting {message}"):
-        SearchConfig.from_params({**BASE, field: value, "tight_budget_fraction": None}, 10, 28)
+        SearchConfig.from_params({**BASE, field: value, "tight_budget_fraction": None}, 14, 28)

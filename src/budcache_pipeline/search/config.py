@@ -26,6 +26,8 @@ DEFAULT_RACE_MARGIN = 0.25
 RECORDED_ALWAYS = ("starts", "forced", "seed", "sa_iterations", "hc_rounds", "screen_samples", "dp_samples")
 """Fields every policy's provenance records; the others only where they differ from the defaults."""
 TIGHT_KEYS = ("tight_starts", "tight_budget_fraction")
+BUDGET_SETTINGS_KEY = "budget_settings"
+"""`search:` parameter mapping a budget to settings that replace the others at that budget only."""
 RUN_KEYS = frozenset({
     "calibration_size", "forecast", "max_cached_states", "max_state_bytes", "max_host_state_bytes",
     "max_rows_per_forward", "processes", "checkpoint_dir", "progress",
@@ -73,6 +75,30 @@ def _forced(value: Any) -> tuple[int, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise _refusal("forced", value, wanted)
     return tuple(_integer("forced", p, 0, wanted) for p in value)
+
+
+def _budget_settings(value: Any, settings: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """`budget_settings` as {budget: {setting: value}}, every budget a whole number and every key a setting."""
+    if value is None:
+        return {}
+    wanted = "a mapping from budgets to mappings of search settings, e.g. {7: {dp_samples: 2}}"
+    if not isinstance(value, Mapping):
+        raise _refusal(BUDGET_SETTINGS_KEY, value, wanted)
+    checked: dict[int, dict[str, Any]] = {}
+    for budget, overrides in value.items():
+        try:
+            number = int(budget)
+        except (TypeError, ValueError):
+            raise _refusal(BUDGET_SETTINGS_KEY, value, wanted) from None
+        if isinstance(budget, bool) or str(number) != str(budget).strip() or not isinstance(overrides, Mapping):
+            raise _refusal(BUDGET_SETTINGS_KEY, value, wanted)
+        unknown = sorted(set(overrides) - set(settings))
+        if unknown:
+            raise SearchSetupError(
+                f"search setting {BUDGET_SETTINGS_KEY}[{number}]: unknown setting(s) {unknown}: use {settings}"
+            )
+        checked[number] = dict(overrides)
+    return checked
 
 
 @dataclass(frozen=True)
@@ -129,21 +155,23 @@ class SearchConfig:
         """The settings of the Kedro `search:` parameters for one budget; keys not given take the defaults.
 
         At budgets of at most `tight_budget_fraction` of the steps `tight_starts` replace
-        `starts` (`starts_for_budget`). A key that is neither a setting nor one of the
-        parameters of the calibration set, the objective or the run is refused by name.
+        `starts` (`starts_for_budget`); then the settings `budget_settings` gives for this budget
+        replace the others. A key that is neither a setting nor one of the parameters of the
+        calibration set, the objective or the run is refused by name.
         """
         settings = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(settings) - set(TIGHT_KEYS) - RUN_KEYS)
+        unknown = sorted(set(params) - set(settings) - {*TIGHT_KEYS, BUDGET_SETTINGS_KEY} - RUN_KEYS)
         if unknown:
             raise SearchSetupError(
-                f"unknown search parameter(s) {unknown}: the search's settings are {settings} and "
-                f"{list(TIGHT_KEYS)}; the node also reads {sorted(RUN_KEYS)}"
+                f"unknown search parameter(s) {unknown}: the search's settings are {settings}, "
+                f"{list(TIGHT_KEYS)} and {BUDGET_SETTINGS_KEY}; the node also reads {sorted(RUN_KEYS)}"
             )
         given = {k: params[k] for k in settings if k in params}
         starts = _start_names("starts", params.get("starts", DEFAULT_STARTS))
         tight = params.get("tight_starts")
         tight = _start_names("tight_starts", tight) if tight else tight
         given["starts"] = starts_for_budget(budget, steps, starts, tight, params.get("tight_budget_fraction"))
+        given.update(_budget_settings(params.get(BUDGET_SETTINGS_KEY), settings).get(budget, {}))
         return cls(**given)
 
     def to_dict(self) -> dict[str, Any]:
