@@ -24,6 +24,22 @@ from tests.search.conftest import PROMPTS, SEEDS, SIZE, STEPS
 MASK = [True, False, False, False, True, False, False, False, True, False, True, False]
 
 
+def deployed_latents(adapter, policy: CachePolicy, conditioning, noise) -> torch.Tensor:
+    """The stock pipeline's final latents under `policy`, on its own sigmas, with its compute steps checked."""
+    size = Size(SIZE, SIZE)
+    runtime = enable_budcache(adapter.pipe, policy)
+    try:
+        deployed = adapter.pipe(
+            **adapter.pipeline_inputs(conditioning, noise, size),
+            **adapter.schedule_kwargs(list(policy.sigmas), size),
+            output_type="latent",
+        ).images
+        assert runtime.compute_counts() == {"cond": policy.budget}
+    finally:
+        disable_budcache(adapter.pipe)
+    return deployed
+
+
 def test_parameterisation_starts_at_the_reference_and_stays_monotone(reference):
     base = torch.tensor(reference.sigmas, dtype=torch.float64)
     logits = torch.log(base[:-1] - base[1:])
@@ -67,17 +83,7 @@ def test_a_policy_with_aligned_sigmas_reproduces_the_sampler_on_the_stock_pipeli
             ours = rollout(BoundDenoiser(adapter, conditioning), runtime, noise, torch.tensor(policy.sigmas)).final
     finally:
         disable_budcache(adapter.transformer)
-    runtime = enable_budcache(adapter.pipe, policy)
-    try:
-        deployed = adapter.pipe(
-            **adapter.pipeline_inputs(conditioning, noise, size),
-            **adapter.schedule_kwargs(list(policy.sigmas), size),
-            output_type="latent",
-        ).images
-        assert runtime.compute_counts() == {"cond": sum(MASK)}
-    finally:
-        disable_budcache(adapter.pipe)
-    assert (deployed - ours).abs().max().item() <= 1e-5
+    assert (deployed_latents(adapter, policy, conditioning, noise) - ours).abs().max().item() <= 1e-5
 
 
 def test_alignment_is_kept_only_when_it_wins_on_held_out_pairs(adapter, reference):
@@ -140,18 +146,8 @@ def test_learned_forecast_gains_lower_the_loss_further_and_deploy_exactly(adapte
     policy = CachePolicy.from_json(policy.to_json())
     assert policy.schema_version == 3 and policy.forecast_gains == gained.gains
     assert policy.provenance["alignment"]["gain_channels"] == 32
-    size = Size(SIZE, SIZE)
-    conditioning, noise = adapter.prepare(PROMPTS, SEEDS, size)
-    runtime = enable_budcache(adapter.pipe, policy)
-    try:
-        deployed = adapter.pipe(
-            **adapter.pipeline_inputs(conditioning, noise, size),
-            **adapter.schedule_kwargs(list(policy.sigmas), size),
-            output_type="latent",
-        ).images
-        assert runtime.compute_counts() == {"cond": sum(MASK)}
-    finally:
-        disable_budcache(adapter.pipe)
+    conditioning, noise = adapter.prepare(PROMPTS, SEEDS, Size(SIZE, SIZE))
+    deployed = deployed_latents(adapter, policy, conditioning, noise)
     assert (deployed - objective.final_latents(MASK)).abs().max().item() <= 1e-5
 
 
