@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
+from budcache_pipeline.forecast_gains import ForecastGains
 from budcache_pipeline.reporting import (
     plot_convergence,
+    plot_forecast_gains,
     plot_masks,
     plot_pareto,
     plot_sample_grid,
@@ -40,6 +42,20 @@ def test_figures_are_written(tmp_path):
                      path=tmp_path / "grid.png", columns=3)
     for name in ("pareto", "masks", "convergence", "grid"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_forecast_gains_are_drawn_per_cached_step_and_their_absence_is_said(tmp_path):
+    mask = [True, False, False, True, False, False]
+    gains = ForecastGains(tuple((1.0 + 0.1 * i, 0.9) for i in range(6)), tuple((2.0, 0.5 * i) for i in range(6)))
+    figure = plot_forecast_gains({"B=2": (mask, gains), "B=3": ([True, False] * 3, None)}, tmp_path / "gains.png")
+    residual_axis, slope_axis = figure.axes
+    (line,) = residual_axis.get_lines()[:1]
+    assert list(line.get_xdata()) == [1, 2, 4, 5], "only cached steps, only policies with gains"
+    assert list(line.get_ydata()) == pytest.approx([1.0, 1.05, 1.15, 1.2]), "the median over channel groups"
+    assert slope_axis.get_lines()[0].get_ydata()[0] == pytest.approx(1.25)
+    assert (tmp_path / "gains.png").stat().st_size > 1000
+    empty = plot_forecast_gains({"B=3": ([True, False] * 3, None)})
+    assert "no policy carries forecast gains" in [t.get_text() for t in empty.axes[0].texts]
 
 
 def test_quality_table_orders_budgets_and_losses():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -90,6 +91,33 @@ def plot_masks(masks: Mapping[int | str, Sequence[bool]], path: str | Path | Non
     axis.tick_params(axis="x", labelsize=6)
     axis.set_xlabel("step (dark = compute)")
     axis.set_ylabel("policy")
+    return _finish(figure, path)
+
+
+def plot_forecast_gains(
+    policies: Mapping[str, tuple[Sequence[bool], Any]], path: str | Path | None = None
+) -> Figure:
+    """Per cached step, the median gain over channel groups (band: 10th-90th percentile) on the reused
+    residual and on its slope, one line per policy with forecast gains (`forecast_gains.ForecastGains`)."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    shown = {label: (mask, gains) for label, (mask, gains) in policies.items() if gains is not None}
+    for axis, term in zip(axes, ("residual", "slope")):
+        for label, (mask, gains) in shown.items():
+            values = np.array(getattr(gains, term))
+            cached = np.array([not m for m in mask])
+            steps = np.arange(len(mask))[cached]
+            low, mid, high = np.percentile(values[cached], [10, 50, 90], axis=1)
+            line = axis.plot(steps, mid, marker=".", label=label)[0]
+            axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        axis.set_title(f"gain on the {term}" + (" term" if term == "slope" else ""))
+        axis.set_xlabel("cached step")
+        axis.grid(True, alpha=0.3)
+    if shown:
+        axes[0].legend(fontsize=8)
+    else:
+        axes[0].text(0.5, 0.5, "no policy carries forecast gains", ha="center", va="center",
+                     transform=axes[0].transAxes)
     return _finish(figure, path)
 
 

@@ -101,7 +101,7 @@ def test_full_run_writes_a_scored_ladder_tables_metrics_and_plots(reduced_run):
     for budget in BUDGETS:
         policy = "budcache_aligned" if f"budget_{budget:02d}-budcache_aligned" in headline else "budcache"
         assert 0 < headline[f"budget_{budget:02d}-{policy}"]["mse_vs_best_baseline"]
-    for plot in ("pareto.png", "mask_map.png"):
+    for plot in ("pareto.png", "mask_map.png", "forecast_gains.png"):
         assert (data / "08_reporting" / "plots" / plot).stat().st_size > 1000
 
 
@@ -238,13 +238,14 @@ def test_dvc_repro_runs_one_stage_per_budget_then_nothing_and_a_new_budget_runs_
 def test_register_takes_plots_tables_and_calibrations_from_the_catalog_and_runs_after_their_writers(monkeypatch):
     monkeypatch.setenv(BUDGETS_ENV, "5,3")
     pipelines = register_pipelines()
-    files = {"pareto_plot", "mask_map_plot", "convergence_plots", "sample_grid_plots"}
+    files = {"pareto_plot", "mask_map_plot", "forecast_gains_plot", "convergence_plots", "sample_grid_plots"}
     files |= {"metrics_table_csv@file", "baseline_calibrations@file", "metrics_summary@file", "ingest_summary@file"}
     files |= {"reference_summary@file", "budget_3.search_history@file", "budget_5.search_summary@file"}
     files |= {"budget_3.alignment_report@file"}
     assert files <= pipelines["register"].inputs()
     order = [node.name for node in pipelines["__default__"].nodes]
-    writers = ("evaluate_ladder", "plot_pareto", "plot_mask_map", "plot_convergence", "plot_sample_grids",
+    writers = ("evaluate_ladder", "plot_pareto", "plot_mask_map", "plot_forecast_gains", "plot_convergence",
+               "plot_sample_grids",
                "summarise_metrics", "summarise_references", "clean_prompts", "budget_3.search_policy",
                "budget_5.align_schedule", "record_provenance")
     assert all(order.index(writer) < order.index("register_ladder") for writer in writers)
@@ -269,7 +270,8 @@ def test_the_run_logs_the_plots_tables_and_calibrations_the_pipeline_wrote(reduc
         **{f"align/{p.name}": p for p in (data / "07_model_output" / "align").iterdir()},
     }
     assert {"search/budget_5_summary.json", "search/budget_3_history.parquet", "align/budget_3.json"} <= set(written)
-    assert {"plots/pareto.png", "plots/mask_map.png", "plots/convergence/budget_5.png"} <= set(written)
+    assert {"plots/pareto.png", "plots/mask_map.png", "plots/forecast_gains.png",
+            "plots/convergence/budget_5.png"} <= set(written)
     for folder in ("plots", "search", "align"):
         uploaded = {p.relative_to(logged).as_posix() for p in (logged / folder).rglob("*") if p.is_file()}
         assert uploaded == {name for name in written if name.startswith(f"{folder}/")}

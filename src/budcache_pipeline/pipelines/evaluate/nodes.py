@@ -32,7 +32,13 @@ from budcache_pipeline.evaluation.worker import MODULE as EVALUATION_WORKER
 from budcache_pipeline.pipelines.common import ModelHandle, process_count, resume_dir
 from budcache_pipeline.pipelines.search.nodes import calibration_subset
 from budcache_pipeline.policy import CachePolicy
-from budcache_pipeline.reporting import plot_convergence, plot_masks, plot_pareto, plot_sample_grid
+from budcache_pipeline.reporting import (
+    plot_convergence,
+    plot_forecast_gains,
+    plot_masks,
+    plot_pareto,
+    plot_sample_grid,
+)
 from budcache_pipeline.search import ReferenceSet
 from budcache_pipeline.search.distributed import launch_torchrun
 from budcache_pipeline.search.reference import save_reference
@@ -285,6 +291,12 @@ def pareto_plot(metrics_table: pd.DataFrame) -> Figure:
 def mask_map(ladder: dict[int, CachePolicy]) -> Figure:
     """The searched masks of the ladder, one row per budget."""
     return plot_masks({f"B={b}": ladder[b].mask for b in sorted(ladder, reverse=True)})
+
+
+def forecast_gains_plot(ladder: dict[int, CachePolicy]) -> Figure:
+    """The forecast gains alignment learned, per cached step, for every budget whose policy carries them."""
+    ordered = sorted(ladder, reverse=True)
+    return plot_forecast_gains({f"B={b}": (ladder[b].mask, ladder[b].forecast_gains) for b in ordered})
 
 
 def convergence_plots(histories: dict[int, pd.DataFrame]) -> dict[str, Figure]:

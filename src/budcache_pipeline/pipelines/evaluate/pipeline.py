@@ -8,6 +8,7 @@ from budcache_pipeline.pipelines.evaluate.nodes import (
     collect_ladder,
     convergence_plots,
     evaluate_ladder,
+    forecast_gains_plot,
     headline_metrics,
     mask_map,
     pareto_plot,
@@ -70,10 +71,11 @@ def _reports(per_budget: dict[str, list[str]]) -> list[Node]:
 
 
 def _plots(per_budget: dict[str, list[str]], budgets: tuple[int, ...]) -> list[Node]:
-    """The Pareto front, the mask map, each budget's convergence and sample grids."""
+    """The Pareto front, the mask map, the forecast gains, each budget's convergence and sample grids."""
     return [
         Node(pareto_plot, inputs="metrics_table", outputs="pareto_plot", name="plot_pareto"),
         Node(mask_map, inputs="aligned_ladder", outputs="mask_map_plot", name="plot_mask_map"),
+        Node(forecast_gains_plot, inputs="aligned_ladder", outputs="forecast_gains_plot", name="plot_forecast_gains"),
         Node(
             by_budget(budgets), inputs=per_budget["search_history@pandas"], outputs="search_histories",
             name="collect_search_histories",

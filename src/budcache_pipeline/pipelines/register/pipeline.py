@@ -15,7 +15,7 @@ from budcache_pipeline.pipelines.register.nodes import (
 from budcache_pipeline.pipelines.register.provenance import record_provenance
 from budcache_pipeline.pipelines.search.pipeline import budget_namespace
 
-PLOTS = ("pareto_plot", "mask_map_plot", "convergence_plots", "sample_grid_plots")
+PLOTS = ("pareto_plot", "mask_map_plot", "forecast_gains_plot", "convergence_plots", "sample_grid_plots")
 FILES = (
     "metrics_table_csv@file",
     "baseline_calibrations@file",
