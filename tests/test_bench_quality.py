@@ -80,7 +80,8 @@ def test_reduced_bench_reports_every_figure(result, figures):
     for name in ("pareto_latent_mse", "pareto_block_evaluations", "masks", "convergence_B4", "convergence_B2"):
         assert (figures / f"{name}.png").is_file()
     text = format_quality_table(result)
-    assert "budcache" in text and "multi/single" in text
+    assert "budcache" in text and "multi/single" in text and "rollouts" in text
+    assert f"{result['budgets']['4']['search_calibration_rollouts']:.2f}" in text
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def format_quality_table(result: dict[str, Any]) -> str:
 
     lines = [quality_table(pd.DataFrame(result["rows"])), ""]
     lines.append(f"{'budget':>6} {'budcache':>10} {'best heuristic':>22} {'ratio':>6} {'95% interval':>14} "
-                 f"{'blocks-matched':>22} {'ratio':>6} {'search s':>8}")
+                 f"{'aligned':>7} {'blocks-matched':>22} {'ratio':>6} {'search s':>8} {'rollouts':>8} {'align':>6}")
     for budget, r in result["budgets"].items():
         best = f"{r.get('best_heuristic', '-')} {r.get('best_heuristic_mse', float('nan')):.2e}"
         blocks = (
@@ -147,8 +147,10 @@ def format_quality_table(result: dict[str, Any]) -> str:
         )
         low, high = r.get("ratio_interval", [float("nan")] * 2)
         lines.append(f"{budget:>6} {r['budcache_mse']:>10.2e} {best:>22} {r.get('ratio', float('nan')):>6.2f} "
-                     f"{f'[{low:.2f}, {high:.2f}]':>14} {blocks:>22} {r.get('ratio_matched_blocks', float('nan')):>6.2f} "
-                     f"{r['search_seconds']:>8.1f}")
+                     f"{f'[{low:.2f}, {high:.2f}]':>14} {r.get('ratio_with_alignment', float('nan')):>7.2f} "
+                     f"{blocks:>22} {r.get('ratio_matched_blocks', float('nan')):>6.2f} "
+                     f"{r['search_seconds']:>8.1f} {r.get('search_calibration_rollouts', float('nan')):>8.2f} "
+                     f"{r.get('alignment', {}).get('calibration_rollouts', float('nan')):>6.1f}")
     goals = result["goals"]
     reuse = result["reuse_over_naive"]
     lines.append(
@@ -156,7 +158,9 @@ def format_quality_table(result: dict[str, Any]) -> str:
         f"reuse/naive {reuse if reuse is None else f'{reuse:.3f}'} (goal <= {goals['reuse_over_naive_max']}), "
         f"ratio goal <= {goals['ratio_max']}: {'met' if goals['ratio_met'] else 'missed'}"
     )
-    lines.append("ratio intervals: 95% paired bootstrap over the held-out pairs (an upper end below 1: beyond the noise)")
+    lines.append("ratio intervals: 95% paired bootstrap over the held-out pairs (an upper end below 1: beyond the noise); "
+                 "aligned: with the learned schedule and forecast gains; rollouts: the search's cost and align: "
+                 "the alignment's, in calibration rollouts")
     if "fid" in result:
         lines.extend(format_fid(result["fid"]))
     return "\n".join(lines)
