@@ -36,25 +36,26 @@ def test_tight_budgets_take_the_tight_starts():
 
 
 def test_budget_settings_replace_the_others_at_their_budget_only():
-    assert SearchConfig.from_params(BASE, 7, 28) == SearchConfig(starts=("dp",), sa_iterations=50, hc_rounds=8,
-                                                                 dp_samples=2)
-    assert SearchConfig.from_params(BASE, 10, 28).dp_samples == 2
-    assert SearchConfig.from_params(BASE, 14, 28).dp_samples == 4
+    assert SearchConfig.from_params(BASE, 10, 28) == SearchConfig(starts=("dp",), sa_iterations=100, hc_rounds=8,
+                                                                  dp_samples=2)
+    assert SearchConfig.from_params(BASE, 14, 28).dp_samples == SearchConfig.from_params(BASE, 7, 28).dp_samples == 4
     given = {"starts": ["dp"], "budget_settings": {"5": {"starts": ["random"], "seed": 3}}}
     assert SearchConfig.from_params(given, 5, 28) == SearchConfig(starts=("random",), seed=3), "keys read from text"
-    assert SearchConfig.from_params({**BASE, "budget_settings": None}, 7, 28).sa_iterations == 100
+    assert SearchConfig.from_params({**BASE, "budget_settings": None}, 10, 28).dp_samples == 4
+    overridden = {**BASE, "budget_settings": {10: {"dp_samples": 2, "seed": 4}, "10": {"dp_samples": 3}}}
+    assert (SearchConfig.from_params(overridden, 10, 28).dp_samples, SearchConfig.from_params(overridden, 10, 28).seed) == (3, 4)
 
 
 @pytest.mark.parametrize(("value", "message"), [
     ([7, {"dp_samples": 2}], "budget_settings must be a mapping from budgets"),
     ({"seven": {"dp_samples": 2}}, "budget_settings must be a mapping from budgets"),
     ({7: 2}, "budget_settings must be a mapping from budgets"),
-    ({7: {"dp_sample": 2}}, "budget_settings\\[7\\]: unknown setting\\(s\\) \\['dp_sample'\\]"),
-    ({7: {"dp_samples": 0}}, "dp_samples must be an integer >= 1, got 0"),
+    ({10: {"dp_sample": 2}}, "budget_settings\\[10\\]: unknown setting\\(s\\) \\['dp_sample'\\]"),
+    ({10: {"dp_samples": 0}}, "dp_samples must be an integer >= 1, got 0"),
 ])
 def test_bad_budget_settings_are_refused_by_name(value, message):
     with pytest.raises(SearchSetupError, match=message):
-        SearchConfig.from_params({**BASE, "budget_settings": value}, 7, 28)
+        SearchConfig.from_params({**BASE, "budget_settings": value}, 10, 28)
 
 
 def test_an_unknown_parameter_is_refused_by_name():

@@ -78,7 +78,11 @@ def _forced(value: Any) -> tuple[int, ...]:
 
 
 def _budget_settings(value: Any, settings: Sequence[str]) -> dict[int, dict[str, Any]]:
-    """`budget_settings` as {budget: {setting: value}}, every budget a whole number and every key a setting."""
+    """`budget_settings` as {budget: {setting: value}}, every budget a whole number and every key a setting.
+
+    A budget given as a number and as text (the YAML's `10:` and `kedro run --params
+    search.budget_settings.10.dp_samples=3`) is one budget: the later settings win key by key.
+    """
     if value is None:
         return {}
     wanted = "a mapping from budgets to mappings of search settings, e.g. {7: {dp_samples: 2}}"
@@ -97,7 +101,7 @@ def _budget_settings(value: Any, settings: Sequence[str]) -> dict[int, dict[str,
             raise SearchSetupError(
                 f"search setting {BUDGET_SETTINGS_KEY}[{number}]: unknown setting(s) {unknown}: use {settings}"
             )
-        checked[number] = dict(overrides)
+        checked.setdefault(number, {}).update(overrides)
     return checked
 
 
