@@ -108,7 +108,8 @@ def bench_ablation(
                          f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
     table = pd.DataFrame(rows)
     kedro = table[table["variant"] == "kedro"].set_index(["budget", "seed"])["holdout_mse"]
-    table["holdout_vs_kedro"] = table["holdout_mse"] / kedro.reindex(pd.MultiIndex.from_frame(table[["budget", "seed"]])).to_numpy()
+    same_seed = pd.MultiIndex.from_frame(table[["budget", "seed"]])
+    table["holdout_vs_kedro"] = table["holdout_mse"] / kedro.reindex(same_seed).to_numpy()
     return table[COLUMNS]
 
 

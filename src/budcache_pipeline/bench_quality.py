@@ -127,7 +127,7 @@ class _Bench:
         return {"result": result, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_clock}
 
     def align(self, budget: int, mask: Sequence[bool], iterations: int) -> tuple[Any, dict[str, Any]]:
-        """The better of the full and the segment-only schedule alignment (with forecast gains) on the calibration set."""
+        """The better of the full and the segment-only alignment (schedule and gains) on the calibration set."""
         clock = time.perf_counter()
         results = [align_schedule(self.adapter, self.references["calibration"], mask, variant=variant,
                                   iterations=iterations, progress=False, forecast=self.forecast,
@@ -228,10 +228,10 @@ def bench_quality(
 
     `baselines` are evaluate-pipeline entries (`name` or `name@blocks`). `adapter` defaults to
     the shipped default model; image metrics come from its quality plug-in. `search` is the
-    BudCache search's settings, `budget_settings` replacements for single budgets, and `forecast` the searched policies' forecast ("reuse" is the
-    paper's plain reuse); `align_gain_channels` the forecast-gain groups alignment learns (0: sigmas
-    only). `fid_samples` > 0 adds the
-    FID comparison of `bench_fid` at `fid_budgets` on that many more held-out pairs.
+    BudCache search's settings, `budget_settings` replacements for single budgets, and `forecast`
+    the searched policies' forecast ("reuse" is the paper's plain reuse); `align_gain_channels` the
+    forecast-gain groups alignment learns (0: sigmas only). `fid_samples` > 0 adds the FID
+    comparison of `bench_fid` at `fid_budgets` on that many more held-out pairs.
     """
     started = time.perf_counter()
     budgets = _checked_budgets(budgets, steps, fid_samples)
@@ -256,8 +256,7 @@ def bench_quality(
                       progress) if fid_samples else None
     bench.plot(table, searches, finals, quality)
     bench.timings["total_seconds"] = time.perf_counter() - started
-    settings = _settings(bench, calibration_pairs, holdout_pairs, search, baselines, align_iterations)
-    settings["search_budget_settings"] = {str(b): dict(o) for b, o in budget_settings.items()}
+    settings = _settings(bench, calibration_pairs, holdout_pairs, search, budget_settings, baselines, align_iterations)
     summary = quality_summary(table, searches, calibrations, budgets, _per_sample_mse(finals, holdout))
     summary.update(run_record(adapter.transformer, calibrator, calibrations, unreachable, bench.timings, settings,
                               table))
@@ -274,7 +273,7 @@ def _per_sample_mse(finals: dict[tuple[str, int], torch.Tensor], holdout: Rollou
 
 def _settings(
     bench: _Bench, calibration_pairs: Pairs, holdout_pairs: Pairs, search: SearchConfig,
-    baselines: Sequence[str], align_iterations: int,
+    budget_settings: Mapping[int, Mapping[str, Any]], baselines: Sequence[str], align_iterations: int,
 ) -> dict[str, Any]:
     """What the bench ran with, so that a reader can reproduce it."""
     return {
@@ -287,6 +286,7 @@ def _settings(
         "size": bench.size,
         "threads": torch.get_num_threads(),
         "search_options": search.to_dict(),
+        "search_budget_settings": {str(b): dict(o) for b, o in budget_settings.items()},
         "baselines": list(baselines),
         "calibration_prompts": [p for p, _, _ in calibration_pairs],
         "holdout_prompts": [p for p, _, _ in holdout_pairs],

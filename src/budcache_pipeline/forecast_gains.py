@@ -73,7 +73,9 @@ class ForecastGains:
     def from_dict(cls, data: Any) -> ForecastGains:
         if not isinstance(data, dict) or set(data) != set(_KEYS):
             found = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ForecastGainsError(f"forecast gains must be an object with exactly the keys {list(_KEYS)}, got {found}")
+            raise ForecastGainsError(
+                f"forecast gains must be an object with exactly the keys {list(_KEYS)}, got {found}"
+            )
         return cls(data["residual"], data["slope"])
 
 
@@ -91,7 +93,8 @@ def _rows(name: str, rows: Any) -> tuple[tuple[float, ...], ...]:
             raise ForecastGainsError(f"'{name}' row {i} contains NaN or infinity: use finite gains")
         out.append(tuple(float(g) for g in row))
     if len({len(row) for row in out}) != 1:
-        raise ForecastGainsError(f"'{name}' rows have different lengths {sorted({len(r) for r in out})}: use one length")
+        lengths = sorted({len(row) for row in out})
+        raise ForecastGainsError(f"'{name}' rows have different lengths {lengths}: use one length")
     return tuple(out)
 
 

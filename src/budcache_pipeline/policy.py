@@ -340,7 +340,9 @@ def _check_forecast_gains(gains: Any, steps: int) -> None:
     except ForecastGainsError as exc:
         raise PolicyError(f"field 'forecast_gains': {exc}") from exc
     if parsed.steps != steps:
-        raise PolicyError(f"field 'forecast_gains' has {parsed.steps} rows but 'steps' is {steps}: give one row per step")
+        raise PolicyError(
+            f"field 'forecast_gains' has {parsed.steps} rows but 'steps' is {steps}: give one row per step"
+        )
 
 
 def _check_model(model: Any) -> None:

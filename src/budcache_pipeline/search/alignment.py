@@ -16,7 +16,8 @@ A learned schedule is kept only when it also wins on held-out pairs (`accept_ali
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -150,39 +151,65 @@ def align_schedule(
         groups = channel_groups(adapter.transformer, gain_channels)
         gains = tuple(torch.ones(len(runs.mask), groups, device=device, requires_grad=True) for _ in range(2))
     optimiser = torch.optim.Adam([logits, *(gains or ())], lr=lr)
-    parameters = list(adapter.transformer.parameters())
-    trainable = [p.requires_grad for p in parameters]
-    for p in parameters:
-        p.requires_grad_(False)
-    try:
-        history: list[float] = []
-        best_value, best, best_gains = float("inf"), base, None
-        for step in tqdm(range(iterations + 1), desc=f"align {variant}", disable=not progress):
-            sigmas = sigmas_from_logits(base, logits, fixed)
-            if step < iterations:
-                optimiser.zero_grad()
-                loss = runs.loss(sigmas.float(), gains)
-                loss.backward()
-                optimiser.step()
-            else:
-                with torch.no_grad():
-                    loss = runs.loss(sigmas.float(), gains)
-            history.append(loss.item())
-            if history[-1] < best_value:
-                best_value, best = history[-1], sigmas.detach().clone()
-                best_gains = tuple(g.detach().clone() for g in gains) if gains is not None else None
+
+    def schedule() -> torch.Tensor:
+        return sigmas_from_logits(base, logits, fixed)
+
+    with _frozen(adapter.transformer):
+        history, best, best_gains = _descend(runs, optimiser, iterations, schedule, gains, f"align {variant}", progress)
         with torch.no_grad():
             loss_before = float(runs.loss(base.float()))
             best_sigmas, kept_gains = _rounded(best), _rounded_gains(best_gains)
             best_loss = float(runs.loss(torch.tensor(best_sigmas, dtype=torch.float32, device=device),
                                         kept_gains.tensors(device) if kept_gains is not None else None))
-        if best_loss >= loss_before:
-            best_sigmas, best_loss, kept_gains = [float(s) for s in reference.sigmas], loss_before, None
+    if best_loss >= loss_before:
+        best_sigmas, best_loss, kept_gains = [float(s) for s in reference.sigmas], loss_before, None
+    cost = alignment_cost(sum(runs.mask), len(runs.mask), iterations, len(reference), time.perf_counter() - started)
+    return AlignmentResult(best_sigmas, loss_before, best_loss, variant, history, kept_gains, cost)
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """The module's parameters without grad for the block (alignment learns the schedule, not the model)."""
+    parameters = list(module.parameters())
+    trainable = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
     finally:
         for p, flag in zip(parameters, trainable):
             p.requires_grad_(flag)
-    cost = alignment_cost(sum(runs.mask), len(runs.mask), iterations, len(reference), time.perf_counter() - started)
-    return AlignmentResult(best_sigmas, loss_before, best_loss, variant, history, kept_gains, cost)
+
+
+def _descend(
+    runs: _Rollouts,
+    optimiser: torch.optim.Optimizer,
+    iterations: int,
+    schedule: Callable[[], torch.Tensor],
+    gains: Gains | None,
+    desc: str,
+    progress: bool,
+) -> tuple[list[float], torch.Tensor, Gains | None]:
+    """`iterations` optimiser steps on the calibration loss, then one last evaluation; the loss history and
+    the schedule and gains of the lowest loss seen."""
+    history: list[float] = []
+    best_value, best, best_gains = float("inf"), schedule().detach(), None
+    for step in tqdm(range(iterations + 1), desc=desc, disable=not progress):
+        sigmas = schedule()
+        if step < iterations:
+            optimiser.zero_grad()
+            loss = runs.loss(sigmas.float(), gains)
+            loss.backward()
+            optimiser.step()
+        else:
+            with torch.no_grad():
+                loss = runs.loss(sigmas.float(), gains)
+        history.append(loss.item())
+        if history[-1] < best_value:
+            best_value, best = history[-1], sigmas.detach().clone()
+            best_gains = tuple(g.detach().clone() for g in gains) if gains is not None else None
+    return history, best, best_gains
 
 
 def alignment_cost(budget: int, steps: int, iterations: int, pairs: int, seconds: float) -> dict[str, float]:
