@@ -33,6 +33,7 @@ def test_every_variant_is_searched_at_every_budget_and_scored_on_held_out_pairs(
         # Hill climbing only adds work to the DP start, and never ends above where it started.
         assert by.loc["dp", "calibration_rollouts"] < by.loc["dp+hc", "calibration_rollouts"]
         assert by.loc["dp+hc", "calibration_mse"] <= by.loc["dp", "calibration_mse"]
+        assert by.loc["dp_linear+hc", "calibration_mse"] <= by.loc["dp_linear", "calibration_mse"]
         assert by.loc["uniform+sa+hc", "calibration_rollouts"] < by.loc["kedro", "calibration_rollouts"]
     assert "mean calibration rollouts per budget: kedro" in format_ablation(table)
     assert (table["seed"] == 0).all() and "geometric mean over seeds" not in format_ablation(table)

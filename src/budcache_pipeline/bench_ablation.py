@@ -28,6 +28,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dp+hc": {"starts": ["dp"], "sa_iterations": 0},
     "dp+sa+hc": {"starts": ["dp"]},
     "uniform+sa+hc": {"starts": ["uniform"]},
+    "dp_linear": {"starts": ["dp_linear"], **_PHASES_OFF},
+    "dp_linear+hc": {"starts": ["dp_linear"], "sa_iterations": 0},
+    "dp_linear+sa+hc": {"starts": ["dp_linear"]},
 }
 """Search variants by their phases; options not named are the Kedro default's (`kedro`) without its
 per-budget settings, and a variant that names its starts uses them at every budget."""

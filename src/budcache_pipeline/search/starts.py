@@ -4,7 +4,10 @@ The search's result depends on where it starts, so the engine starts from severa
 places and reports the spread. The strongest start is LeMiCa's: caching as a path
 in a DAG over steps, where edge i->j (compute at i and j, reuse in between) is
 weighted by the final-output error that this one segment causes on its own, and
-the best path with exactly B edges is a small dynamic programme.
+the best path with exactly B edges is a small dynamic programme. Under a linear
+forecast a cached step extrapolates from the last two computes, so the `dp_linear`
+start weights edge h->i->j by the segment after i with the slope from h, and the
+programme's state is the path's last edge.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import math
 import random
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from budcache_pipeline.sampling import RolloutState, rollout
+from budcache_pipeline.search.candidate_batch import stack_caches
 from budcache_pipeline.search.objective import MaskObjective, budcache_session, euler_step_plain
-from budcache_pipeline.solvers import EulerSolver
+from budcache_pipeline.solvers import EulerSolver, split_state, stack_states
 
-BUILTIN_STARTS = ("dp", "uniform", "front_loaded", "back_loaded", "random")
+BUILTIN_STARTS = ("dp", "dp_linear", "uniform", "front_loaded", "back_loaded", "random")
 _SUFFIX_ROWS_PER_FORWARD = 1024
 
 
@@ -168,49 +173,94 @@ def _uncached_from(sub: MaskObjective, state: RolloutState) -> torch.Tensor:
     return x
 
 
-def edge_errors(objective: MaskObjective, samples: int = 4, exact: bool = False) -> np.ndarray:
-    """(steps + 1)² matrix: errors[i, j] = final loss when only steps i+1..j-1 are cached.
+Edge = tuple[int, ...]
+"""A segment: (i, j) under plain reuse; (h, i, j) under a linear forecast, h the compute before i (-1: none)."""
 
-    Segment rollouts start from the teacher at i and share a prefix per i. The
-    uncached suffix after j dominates the cost (O(N³) step runs for all edges), so by
-    default each j's suffix runs once, for the shortest segment ending at j, and the
-    other edges ending at j scale that error by their deviation at j (a linearised
-    error gain); `exact=True` runs every edge's suffix. Computed on `samples` pairs,
-    once per objective; the cost is added to `objective.stats["start_block_stack_calls"]`,
-    and what the same rollouts cost run from the noise without shared prefixes to
-    `objective.stats["start_block_stack_calls_naive"]`. Sharded, each rank rolls out its
-    rows and the per-row errors are summed over the ranks in one collective.
+
+@dataclass
+class _Segments:
+    """Per-row values of every segment, the states to run uncached suffixes from, and what they cost.
+
+    `values[edge]` is the per-row deviation from the teacher at j (or, for j = steps, the final
+    loss); `resume` holds the states at j of the edges whose uncached suffix runs.
     """
-    key = ("dp_edges", samples, exact)
+
+    values: dict[Edge, torch.Tensor] = field(default_factory=dict)
+    resume: dict[Edge, RolloutState] = field(default_factory=dict)
+    runs: int = 0
+    naive_runs: int = 0
+
+    def record(self, sub: MaskObjective, teacher: list[torch.Tensor], edge: Edge, state: RolloutState,
+               exact: bool) -> None:
+        """Keep the segment's deviation at its end, and its state where its suffix will run."""
+        j = edge[-1]
+        self.values[edge] = (state.latents.float() - teacher[j].float()).pow(2).flatten(1).mean(dim=1)
+        if exact or _is_probe(edge):
+            self.resume[edge] = RolloutState(j, state.latents, {}, state.solver)
+
+
+def _is_probe(edge: Edge) -> bool:
+    """The shortest segment ending at its j, whose suffix measures how j's deviation grows to the end."""
+    *previous, i, j = edge
+    return i == j - 2 and (not previous or previous[0] == (i - 1 if i > 0 else -1))
+
+
+def _index(edge: Edge) -> Edge:
+    """The edge's position in the error array (a linear forecast's h shifted by one: -1 means none)."""
+    return edge if len(edge) == 2 else (edge[0] + 1, edge[1], edge[2])
+
+
+def edge_errors(
+    objective: MaskObjective, samples: int = 4, exact: bool = False, forecast: str = "reuse"
+) -> np.ndarray:
+    """Final-loss errors of single cached segments, from the teacher, under `forecast`.
+
+    "reuse": an (steps + 1)² matrix, errors[i, j] = final loss when only steps i+1..j-1 are
+    cached and reuse step i's residual. "linear" (the objective's forecast must be linear too)
+    extrapolates from the last two computes, so a segment's error also depends on the compute h
+    before i: an (steps + 1)³ array, errors[h + 1, i, j] (h = -1: step 0 has none), for segments
+    whose residuals (and slope) are the teacher's at h and i.
+    Segment rollouts start from the teacher and share a prefix per i. The uncached suffix after j
+    dominates the cost (O(N³) step runs for all edges), so by default each j's suffix runs once,
+    for the shortest segment ending at j, and the other edges ending at j scale that error by
+    their deviation at j (a linearised error gain); `exact=True` runs every edge's suffix.
+    Computed on `samples` pairs, once per objective; the cost is added to
+    `objective.stats["start_block_stack_calls"]`, and what the same rollouts cost run from the
+    noise without shared prefixes to `objective.stats["start_block_stack_calls_naive"]`. Sharded,
+    each rank rolls out its rows and the per-row errors are summed over the ranks in one collective.
+    """
+    if forecast not in ("reuse", "linear"):
+        raise SearchSetupError(f"the DP start's segments are measured under 'reuse' or 'linear', got {forecast!r}")
+    if forecast == "linear" and objective.forecast != "linear":
+        raise SearchSetupError(
+            f"linear-forecast segments model a linear objective, this one forecasts {objective.forecast!r}: "
+            "use the 'dp' start"
+        )
+    key = ("dp_edges", samples, exact, forecast)
     if key in objective.cache:
         return objective.cache[key]
     started = time.perf_counter()
     sub = objective.subset(samples)
-    teacher = sub.teacher_latents()
     with torch.inference_mode():
-        at, resume, runs, naive_runs = _segment_prefixes(sub)
-        errors, suffix_runs, suffix_naive_runs = _segment_errors(sub, teacher, at, resume, exact)
+        segments = _linear_segments(sub, exact) if forecast == "linear" else _reuse_segments(sub, exact)
+        errors, suffix_runs, suffix_naive_runs = _segment_errors(sub, segments)
     objective.cache[key] = errors
     stats = objective.stats
-    for name, value in (("start_block_stack_calls", runs + suffix_runs),
-                        ("start_block_stack_calls_naive", naive_runs + suffix_naive_runs)):
+    for name, value in (("start_block_stack_calls", segments.runs + suffix_runs),
+                        ("start_block_stack_calls_naive", segments.naive_runs + suffix_naive_runs)):
         stats[name] = stats.get(name, 0.0) + value / len(objective)
     stats["start_wall_seconds"] = stats.get("start_wall_seconds", 0.0) + time.perf_counter() - started
     return errors
 
 
-def _segment_prefixes(
-    sub: MaskObjective,
-) -> tuple[dict[tuple[int, int], torch.Tensor], dict[tuple[int, int], RolloutState], int, int]:
+def _reuse_segments(sub: MaskObjective, exact: bool) -> _Segments:
     """Per i, one rollout computing steps 0..i then caching to the end, captured at every later j.
 
-    Returns the latents at (i, j) (j = steps: the final), the states to resume from at (i, j),
-    and the per-sample block-stack runs, shared and naive, the teacher's included.
+    Runs are per-sample block-stack runs, shared and naive, the teacher's included.
     """
     steps, count = sub.steps, len(sub)
-    runs = naive_runs = steps * count
-    at: dict[tuple[int, int], torch.Tensor] = {}
-    resume: dict[tuple[int, int], RolloutState] = {}
+    teacher = sub.teacher_latents()
+    segments = _Segments(runs=steps * count, naive_runs=steps * count)
     with budcache_session(sub.adapter.transformer, sub.schedule) as runtime:
         for i in range(steps - 1):
             mask = [True] * (i + 1) + [False] * (steps - i - 1)
@@ -218,78 +268,143 @@ def _segment_prefixes(
                 sub.denoiser, runtime, sub.noise, sub.solver, mask=mask, start=sub.teacher_state(i),
                 capture=range(i + 2, steps),
             )
-            at.update({(i, j): state.latents for j, state in result.states.items()})
-            resume.update({(i, j): state for j, state in result.states.items()})
-            at[(i, steps)] = result.final
-            runs += count
-            naive_runs += (i + 1) * count
-    return at, resume, runs, naive_runs
+            for j, state in result.states.items():
+                segments.record(sub, teacher, (i, j), state, exact)
+            segments.values[(i, steps)] = sub.loss(result.final, sub.target)
+            segments.runs += count
+            segments.naive_runs += (i + 1) * count
+    return segments
 
 
-def _segment_errors(
-    sub: MaskObjective,
-    teacher: list[torch.Tensor],
-    at: dict[tuple[int, int], torch.Tensor],
-    resume: dict[tuple[int, int], RolloutState],
-    exact: bool,
-) -> tuple[np.ndarray, int, int]:
-    """The error matrix from the prefixes, with the suffixes' block-stack runs (shared and naive)."""
+def _linear_segments(sub: MaskObjective, exact: bool) -> _Segments:
+    """Per (h, i), the teacher's state after step i with the slope from the teacher's residuals at h and i,
+    cached to the end and captured at every later j.
+
+    One uncached rollout through the hooks captures every step's residual; the segments then run
+    only cached steps (no block-stack run), the h's of one i stacked into shared forwards.
+    """
+    steps, count, rows = sub.steps, len(sub), sub.local_rows
+    segments = _Segments(runs=steps * count, naive_runs=steps * count)
+    with budcache_session(sub.adapter.transformer, sub.schedule, "linear") as runtime:
+        teacher_run = rollout(sub.denoiser, runtime, sub.noise, sub.solver, mask=[True] * steps,
+                              capture=range(1, steps))
+        computed = teacher_run.states
+        teacher = [sub.noise] + [computed[j].latents for j in range(1, steps)] + [teacher_run.final]
+        per_forward = max(1, sub.max_rows_per_forward // rows)
+        for i in range(steps - 1):
+            previous = [-1] if i == 0 else list(range(i))
+            mask = [True] * (i + 1) + [False] * (steps - i - 1)
+            for begin in range(0, len(previous), per_forward):
+                chunk = previous[begin:begin + per_forward]
+                result = rollout(
+                    sub.denoiser.tile(len(chunk)), runtime, sub.noise, sub.solver, mask=mask,
+                    start=_slope_state(computed, chunk, i, sub.schedule, rows), capture=range(i + 2, steps),
+                )
+                for j, state in result.states.items():
+                    solvers = split_state(state.solver, len(chunk), rows)
+                    for h, latents, solver in zip(chunk, state.latents.chunk(len(chunk)), solvers):
+                        segments.record(sub, teacher, (h, i, j), RolloutState(j, latents, {}, solver), exact)
+                for h, final in zip(chunk, result.final.chunk(len(chunk))):
+                    segments.values[(h, i, steps)] = sub.loss(final, sub.target)
+                segments.naive_runs += (i + 1) * count * len(chunk)
+    return segments
+
+
+def _slope_state(
+    computed: dict[int, RolloutState], previous: Sequence[int], i: int, sigmas: Sequence[float], rows: int
+) -> RolloutState:
+    """The teacher's state after step i, once per h in `previous`, its slope taken from the residuals at h and i."""
+    after = computed[i + 1]
+    caches = []
+    for h in previous:
+        cache = {}
+        for name, snap in after.cache.items():
+            if h < 0:
+                cache[name] = replace(snap, slope_hidden=None, slope_encoder=None)
+                continue
+            older, moved = computed[h + 1].cache[name], sigmas[i] - sigmas[h]
+            encoder = None
+            if snap.residual_encoder is not None and older.residual_encoder is not None:
+                encoder = (snap.residual_encoder - older.residual_encoder) / moved
+            cache[name] = replace(
+                snap, slope_hidden=(snap.residual_hidden - older.residual_hidden) / moved, slope_encoder=encoder
+            )
+        caches.append(cache)
+    copies = len(previous)
+    latents = after.latents.repeat(copies, *([1] * (after.latents.dim() - 1)))
+    return RolloutState(i + 1, latents, stack_caches(caches, i + 1, True, rows),
+                        stack_states([after.solver] * copies, rows))
+
+
+def _segment_errors(sub: MaskObjective, segments: _Segments) -> tuple[np.ndarray, int, int]:
+    """The error array from the segments, with the suffixes' block-stack runs (shared and naive)."""
     steps, count = sub.steps, len(sub)
-    errors = np.zeros((steps + 1, steps + 1))
-    if exact:
-        pairs = [(i, j) for j in range(2, steps) for i in range(j - 1)]
-    else:
-        pairs = [(j - 2, j) for j in range(2, steps)]
-    finals, suffix_runs = _uncached_suffixes(sub, [resume[pair] for pair in pairs])
+    suffixed = list(segments.resume)
+    finals, suffix_runs = _uncached_suffixes(sub, [segments.resume[edge] for edge in suffixed])
     runs = suffix_runs * count // sub.local_rows
-    naive_runs = sum(steps - (j - i - 1) for i, j in pairs) * count
-    ends = [(i, steps) for i in range(steps - 1)]
-    per_row = [sub.loss(at[edge], sub.target) for edge in ends] + [sub.loss(f, sub.target) for f in finals]
-    deviations = [] if exact else [(i, j) for j in range(3, steps) for i in range(j - 1)]
-    per_row += [(at[(i, j)].float() - teacher[j].float()).pow(2).flatten(1).mean(dim=1) for i, j in deviations]
-    means = sub.mean_over_rows(per_row)
-    for (i, j), value in zip(ends + pairs, means):
-        errors[i, j] = value
-    deviation = dict(zip(deviations, means[len(ends) + len(pairs):]))
-    for j in range(3, steps) if not exact else ():
-        probe = deviation[(j - 2, j)]
-        gain = errors[j - 2, j] / probe if probe > 0 else 0.0
-        for i in range(j - 2):
-            errors[i, j] = gain * deviation[(i, j)]
+    naive_runs = sum(steps - (edge[-1] - edge[-2] - 1) for edge in suffixed) * count
+    edges = list(segments.values)
+    means = sub.mean_over_rows([segments.values[edge] for edge in edges] + [sub.loss(f, sub.target) for f in finals])
+    value = dict(zip(edges, means))
+    suffix_error = dict(zip(suffixed, means[len(edges):]))
+    gain = {edge[-1]: suffix_error[edge] / value[edge] if value[edge] > 0 else 0.0
+            for edge in suffixed if _is_probe(edge)}
+    errors = np.zeros((steps + 1,) * len(edges[0]))
+    for edge, deviation in value.items():
+        j = edge[-1]
+        if j == steps:
+            errors[_index(edge)] = deviation
+        else:
+            errors[_index(edge)] = suffix_error[edge] if edge in suffix_error else gain[j] * deviation
     return errors, runs, naive_runs
 
 
 def dp_path(errors: np.ndarray, budget: int, forced: Sequence[int]) -> list[int]:
-    """Compute positions of the cheapest path 0 -> steps with exactly `budget` edges through all forced nodes."""
-    steps = errors.shape[0] - 1
-    forced_set = set(forced)
-    cost = np.full((budget + 1, steps + 1), math.inf)
-    parent = np.full((budget + 1, steps + 1), -1, dtype=int)
+    """Compute positions of the cheapest path 0 -> steps with exactly `budget` edges through all forced nodes.
+
+    `errors` is `edge_errors`' array: errors[i, j], or errors[h + 1, i, j] when a segment's error
+    depends on the compute before it. The DP's state is the path's last edge (h, i), so both are
+    solved exactly by the same programme.
+    """
+    steps = errors.shape[-1] - 1
+    lifted = errors if errors.ndim == 3 else np.broadcast_to(errors, (steps + 1,) * 3)
+    allowed = np.zeros((steps + 1, steps + 1), dtype=bool)
+    for i in range(steps):
+        for j in range(i + 1, steps + 1):
+            allowed[i, j] = not any(i < f < j for f in forced)
+    weights = np.where(allowed[None], lifted, math.inf)
+    cost = np.full((steps + 1, steps + 1), math.inf)  # cost[h + 1, i]: best path whose last edge is h -> i
     cost[0, 0] = 0.0
-    for k in range(1, budget + 1):
-        for j in range(1, steps + 1):
-            for i in range(j - 1, -1, -1):
-                if i + 1 < j and (i + 1) in forced_set:
-                    break
-                value = cost[k - 1, i] + errors[i, j]
-                if value < cost[k, j]:
-                    cost[k, j], parent[k, j] = value, i
-    if not math.isfinite(cost[budget, steps]):
+    parents = []
+    for _ in range(budget):
+        total = cost[:, :, None] + weights
+        best = total.argmin(axis=0)
+        parents.append(best)
+        cost = np.full_like(cost, math.inf)
+        cost[1:, :] = np.take_along_axis(total, best[None], axis=0)[0][:steps]
+    last = int(cost[:, steps].argmin())
+    if not math.isfinite(cost[last, steps]):
         raise SearchSetupError(
-            f"no path with {budget} compute steps passes through forced positions {sorted(forced_set)}"
+            f"no path with {budget} compute steps passes through forced positions {sorted(set(forced))}"
         )
     nodes, j = [], steps
-    for k in range(budget, 0, -1):
-        j = int(parent[k, j])
-        nodes.append(j)
+    for best in reversed(parents):
+        i = last - 1
+        nodes.append(i)
+        last, j = int(best[i, j]), i
     return sorted(nodes)
 
 
 def dp_start(
-    objective: MaskObjective, budget: int, forced: Sequence[int], samples: int = 4, exact: bool = False
+    objective: MaskObjective,
+    budget: int,
+    forced: Sequence[int],
+    samples: int = 4,
+    exact: bool = False,
+    forecast: str = "reuse",
 ) -> list[bool]:
-    """LeMiCa's start: the best B-edge path through the DAG of single-segment errors."""
-    nodes = set(dp_path(edge_errors(objective, samples, exact), budget, forced))
+    """LeMiCa's start: the best B-edge path through the DAG of single-segment errors (`edge_errors`)."""
+    nodes = set(dp_path(edge_errors(objective, samples, exact, forecast), budget, forced))
     return [p in nodes for p in range(objective.steps)]
 
 
@@ -300,6 +415,8 @@ def start_mask(
     steps = objective.steps
     if name == "dp":
         return dp_start(objective, budget, forced, dp_samples)
+    if name == "dp_linear":
+        return dp_start(objective, budget, forced, dp_samples, forecast="linear")
     if name == "uniform":
         return uniform_start(steps, budget, forced)
     if name == "front_loaded":
