@@ -83,3 +83,25 @@ def test_bad_budgets_are_refused_with_a_message(capsys):
     assert exit_info.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="between 1 and steps - 1"):
         bench_ablation((8,), steps=8, kedro_options=SMALL, adapter=object())
+
+
+def test_calibration_sets_reuse_the_prompts_with_other_noise_and_each_is_compared_with_its_own_default():
+    table = bench_ablation((3,), steps=8, calibration_size=4, holdout_size=4, kedro_options=SMALL,
+                           variants={"lean": VARIANTS["lean"]}, calibration_sets=2, adapter=load_adapter({}),
+                           progress=lambda _: None)
+    assert list(table["calibration_set"]) == [0, 0, 1, 1] and (table["seed"] == 0).all()
+    kedro = table[table["variant"] == "kedro"].set_index("calibration_set")
+    assert kedro.loc[0, "calibration_mse"] != kedro.loc[1, "calibration_mse"], "another set, other noise"
+    for number, rows in table.groupby("calibration_set"):
+        by = rows.set_index("variant")
+        assert by.loc["lean", "holdout_vs_kedro"] == pytest.approx(by.loc["lean", "holdout_mse"] / by.loc["kedro", "holdout_mse"])
+    assert "geometric mean over seeds and calibration sets" in format_ablation(table)
+    with pytest.raises(ValueError, match="calibration_sets must be an integer >= 1"):
+        bench_ablation((3,), steps=8, kedro_options=SMALL, calibration_sets=0, adapter=load_adapter({}))
+
+
+def test_the_command_refuses_unknown_variants(capsys):
+    from budcache_pipeline.console import main
+
+    assert main(["bench", "ablation", "--budgets", "3", "--variants", "lean,nope"]) == 2
+    assert "unknown variant(s) ['nope']" in capsys.readouterr().err

@@ -4,7 +4,9 @@ Every variant searches the same calibration reference at every budget and seed; 
 MSE is the final-latent MSE of its mask against the uncached model on the bench's held-out
 pairs (the quality bench's `latent_mse`), and the cost is in calibration rollouts. At loose
 budgets the search's seed moves the result more than most settings do, so a setting is
-judged over several seeds (`seeds`), each variant against the Kedro default at the same seed.
+judged over several seeds (`seeds`), each variant against the Kedro default at the same seed. The
+calibration set moves it as much: `calibration_sets` repeats everything on sets of the same prompts
+with other noise seeds (the held-out pairs stay the same).
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dp_linear": {"starts": ["dp_linear"], **_PHASES_OFF},
     "dp_linear+hc": {"starts": ["dp_linear"], "sa_iterations": 0},
     "dp_linear+sa+hc": {"starts": ["dp_linear"]},
+    # the cheapest that kept quality on average: DP on 2 pairs, then hill climbing that screens on 2 pairs,
+    # confirms the best 2 and makes no far jumps
+    "lean": {"starts": ["dp"], "dp_samples": 2, "sa_iterations": 0, "screen_samples": 2, "hc_confirm": 2,
+             "hc_far_jumps": 0},
 }
 """Search variants by their phases; options not named are the Kedro default's (`kedro`) without its
 per-budget settings, and a variant that names its starts uses them at every budget."""
+CALIBRATION_SET_SEED_STRIDE = 1000
+"""Calibration set k uses the default set's prompts with their noise seeds shifted by k times this."""
 _SEARCH_KEYS = (*(f.name for f in fields(SearchConfig)), *TIGHT_KEYS, BUDGET_SETTINGS_KEY)
-COLUMNS = ["budget", "seed", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
+COLUMNS = ["budget", "seed", "calibration_set", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
            "search_seconds", "mask"]
 
 
@@ -67,12 +75,15 @@ def bench_ablation(
     forecast: str = "linear",
     variants: Mapping[str, Mapping[str, Any]] = VARIANTS,
     seeds: Sequence[int] = (0,),
+    calibration_sets: int = 1,
     adapter: Any = None,
     progress: Callable[[str], None] = print,
 ) -> pd.DataFrame:
-    """One row per (budget, seed, variant): calibration and held-out MSE, cost in calibration rollouts, mask.
+    """One row per (budget, seed, calibration set, variant): calibration and held-out MSE, cost in
+    calibration rollouts, mask.
 
-    `seeds` replace the search seed of every variant, the Kedro default's included.
+    `seeds` replace the search seed of every variant, the Kedro default's included; each of the
+    `calibration_sets` sets is searched at every seed.
     """
     from budcache_pipeline.bench_quality import default_prompt_sets
     from budcache_pipeline.search import MaskObjective, compute_reference, search_policy
@@ -84,34 +95,42 @@ def bench_ablation(
     seeds = list(dict.fromkeys(seeds))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of integers, got {seeds}")
+    if isinstance(calibration_sets, bool) or not isinstance(calibration_sets, int) or calibration_sets < 1:
+        raise ValueError(f"calibration_sets must be an integer >= 1, got {calibration_sets!r}")
     if adapter is None:
         from budcache_pipeline.models.spec import load_adapter
 
         adapter = load_adapter({})
     calibration_pairs, holdout_pairs = default_prompt_sets(calibration_size, holdout_size)
-    references = [
-        compute_reference(adapter, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps, Size(16, 16),
-                          progress=False)
-        for pairs in (calibration_pairs, holdout_pairs)
+
+    def reference(pairs: Sequence[tuple[str, int, int]]) -> Any:
+        return compute_reference(adapter, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps, Size(16, 16),
+                                 progress=False)
+
+    calibrations = [
+        reference([(p, c, s + CALIBRATION_SET_SEED_STRIDE * k) for p, c, s in calibration_pairs])
+        for k in range(calibration_sets)
     ]
-    holdout = MaskObjective(adapter, references[1], forecast=forecast)
+    holdout = MaskObjective(adapter, reference(holdout_pairs), forecast=forecast)
     everything = {"kedro": dict(kedro_options), **{n: _variant(kedro_options, o) for n, o in variants.items()}}
     rows = []
     for budget in budgets:
         for seed in seeds:
-            for name, chosen in everything.items():
-                clock = time.perf_counter()
-                config = SearchConfig.from_params({**chosen, "seed": seed}, budget, steps)
-                result = search_policy(MaskObjective(adapter, references[0], forecast=forecast), budget, config)
-                rows.append({"budget": budget, "seed": seed, "variant": name, "calibration_mse": result.loss,
-                             "holdout_mse": holdout(result.mask),
-                             "calibration_rollouts": result.cost["calibration_rollouts"],
-                             "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
-                progress(f"B={budget} seed {seed} {name}: held-out {rows[-1]['holdout_mse']:.3e}, "
-                         f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
+            for number, calibration in enumerate(calibrations):
+                for name, chosen in everything.items():
+                    clock = time.perf_counter()
+                    config = SearchConfig.from_params({**chosen, "seed": seed}, budget, steps)
+                    result = search_policy(MaskObjective(adapter, calibration, forecast=forecast), budget, config)
+                    rows.append({"budget": budget, "seed": seed, "calibration_set": number, "variant": name,
+                                 "calibration_mse": result.loss, "holdout_mse": holdout(result.mask),
+                                 "calibration_rollouts": result.cost["calibration_rollouts"],
+                                 "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
+                    progress(f"B={budget} seed {seed} set {number} {name}: held-out {rows[-1]['holdout_mse']:.3e}, "
+                             f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
     table = pd.DataFrame(rows)
-    kedro = table[table["variant"] == "kedro"].set_index(["budget", "seed"])["holdout_mse"]
-    same_seed = pd.MultiIndex.from_frame(table[["budget", "seed"]])
+    same = ["budget", "seed", "calibration_set"]
+    kedro = table[table["variant"] == "kedro"].set_index(same)["holdout_mse"]
+    same_seed = pd.MultiIndex.from_frame(table[same])
     table["holdout_vs_kedro"] = table["holdout_mse"] / kedro.reindex(same_seed).to_numpy()
     return table[COLUMNS]
 
@@ -131,9 +150,9 @@ def format_ablation(table: pd.DataFrame) -> str:
     shown = table.to_string(index=False, float_format=lambda v: f"{v:.3g}")
     means = table.groupby("variant", sort=False)["calibration_rollouts"].mean()
     text = shown + "\n\nmean calibration rollouts per budget: " + ", ".join(f"{n} {v:.2f}" for n, v in means.items())
-    if table["seed"].nunique() > 1:
+    if table["seed"].nunique() > 1 or table["calibration_set"].nunique() > 1:
         relative = np.exp(np.log(table["holdout_vs_kedro"]).groupby([table["budget"], table["variant"]], sort=False)
                           .mean()).unstack("variant")
-        text += "\n\nheld-out MSE / default, geometric mean over seeds:\n" + relative.to_string(
+        text += "\n\nheld-out MSE / default, geometric mean over seeds and calibration sets:\n" + relative.to_string(
             float_format=lambda v: f"{v:.3g}")
     return text

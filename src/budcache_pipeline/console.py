@@ -75,6 +75,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
 def _bench_ablation(args: argparse.Namespace) -> int:
     from budcache_pipeline.bench_ablation import (
         ABLATION_BUDGETS,
+        VARIANTS,
         bench_ablation,
         format_ablation,
         kedro_search_options,
@@ -83,8 +84,14 @@ def _bench_ablation(args: argparse.Namespace) -> int:
 
     options, forecast = kedro_search_options(find_project_root(), args.env)
     budgets = args.budgets or ABLATION_BUDGETS
+    variants = VARIANTS
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}: use some of {list(VARIANTS)} (the default always runs)")
+        variants = {name: VARIANTS[name] for name in args.variants}
     table = bench_ablation(budgets, calibration_size=args.calibration, kedro_options=options, forecast=forecast,
-                           seeds=args.seeds or (0,))
+                           variants=variants, seeds=args.seeds or (0,), calibration_sets=args.calibration_sets)
     print(format_ablation(table))
     if args.csv:
         write_text_atomic(args.csv, table.to_csv(index=False))
@@ -252,7 +259,7 @@ def _add_bench_quality(benches: argparse._SubParsersAction) -> None:
 
 def _add_bench_ablation(benches: argparse._SubParsersAction) -> None:
     ablation = benches.add_parser(
-        "ablation", help="held-out MSE and search cost per budget of DP alone, DP+HC, DP+SA+HC, uniform+SA+HC, the default"
+        "ablation", help="held-out MSE and search cost per budget of the search's variants and the default"
     )
     ablation.add_argument("--budgets", type=_budget_list,
                           help="comma-separated compute budgets of 28 steps (default 14,10,7,5,4,3)")
@@ -260,6 +267,11 @@ def _add_bench_ablation(benches: argparse._SubParsersAction) -> None:
                           help="calibration pairs (default 16, the Kedro default)")
     ablation.add_argument("--seeds", type=_seed_list,
                           help="comma-separated search seeds, each variant run at each (default 0)")
+    ablation.add_argument("--calibration-sets", type=_positive_int, default=1,
+                          help="calibration sets (the same prompts, other noise seeds) each searched at every seed "
+                               "(default 1)")
+    ablation.add_argument("--variants", type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+                          help="comma-separated variants to run besides the default (default: all)")
     ablation.add_argument("--env", help="the Kedro environment whose search settings are the default (default local)")
     ablation.add_argument("--csv", help="also write the table as CSV here")
     ablation.set_defaults(handler=_bench_ablation)
