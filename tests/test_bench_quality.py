@@ -68,7 +68,7 @@ def test_reduced_bench_reports_every_figure(result, figures):
     assert 0 < result["reuse_over_naive"] <= 1
     assert result["multi_over_single"] > 0
     assert set(result["search_seconds"]) == {"4", "2"}
-    assert result["settings"]["search_budget_settings"] == {"14": {"starts": ["dp_linear"]}, "10": {"dp_samples": 2}}
+    assert result["settings"]["search_budget_settings"] == {"10": {"dp_samples": 2}}
     rows = pd.DataFrame(result["rows"])
     assert rows.iloc[0]["method"] == "uncached"
     for method in ("budcache", "budcache_single", "uniform", "teacache", "first_block_cache"):

@@ -47,7 +47,7 @@ ALIGN_GAIN_CHANNELS = 64
 # Half the library's default SA and HC work: on the default model at 32 calibration pairs it found
 # the same masks as the defaults at every budget (linear forecast), in ~75% of the time.
 QUALITY_SEARCH = SearchConfig(sa_iterations=100, hc_rounds=10)
-QUALITY_BUDGET_SETTINGS: dict[int, dict[str, Any]] = {14: {"starts": ["dp_linear"]}, 10: {"dp_samples": 2}}
+QUALITY_BUDGET_SETTINGS: dict[int, dict[str, Any]] = {10: {"dp_samples": 2}}
 """Settings that replace QUALITY_SEARCH's at single budgets: the Kedro default's `search.budget_settings`."""
 
 Pairs = Sequence[tuple[str, int, int]]

@@ -20,7 +20,7 @@ def test_the_defaults_record_what_policies_have_always_recorded():
     settings = SearchConfig.from_params(BASE, 14, 28).settings(14, 16, "linear")
     assert list(settings) == ["budget", "starts", "forced", "seed", "sa_iterations", "hc_rounds", "screen_samples",
                               "dp_samples", "calibration_pairs", "forecast"]
-    assert settings == {"budget": 14, "starts": ["dp_linear"], "forced": [0], "seed": 0, "sa_iterations": 100, "hc_rounds": 8,
+    assert settings == {"budget": 14, "starts": ["dp"], "forced": [0], "seed": 0, "sa_iterations": 100, "hc_rounds": 8,
                         "screen_samples": 4, "dp_samples": 4, "calibration_pairs": 16, "forecast": "linear"}
 
 
