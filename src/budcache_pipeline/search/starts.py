@@ -190,8 +190,7 @@ class _Segments:
     runs: int = 0
     naive_runs: int = 0
 
-    def record(self, sub: MaskObjective, teacher: list[torch.Tensor], edge: Edge, state: RolloutState,
-               exact: bool) -> None:
+    def record(self, teacher: list[torch.Tensor], edge: Edge, state: RolloutState, exact: bool) -> None:
         """Keep the segment's deviation at its end, and its state where its suffix will run."""
         j = edge[-1]
         self.values[edge] = (state.latents.float() - teacher[j].float()).pow(2).flatten(1).mean(dim=1)
@@ -269,7 +268,7 @@ def _reuse_segments(sub: MaskObjective, exact: bool) -> _Segments:
                 capture=range(i + 2, steps),
             )
             for j, state in result.states.items():
-                segments.record(sub, teacher, (i, j), state, exact)
+                segments.record(teacher, (i, j), state, exact)
             segments.values[(i, steps)] = sub.loss(result.final, sub.target)
             segments.runs += count
             segments.naive_runs += (i + 1) * count
@@ -303,7 +302,7 @@ def _linear_segments(sub: MaskObjective, exact: bool) -> _Segments:
                 for j, state in result.states.items():
                     solvers = split_state(state.solver, len(chunk), rows)
                     for h, latents, solver in zip(chunk, state.latents.chunk(len(chunk)), solvers):
-                        segments.record(sub, teacher, (h, i, j), RolloutState(j, latents, {}, solver), exact)
+                        segments.record(teacher, (h, i, j), RolloutState(j, latents, {}, solver), exact)
                 for h, final in zip(chunk, result.final.chunk(len(chunk))):
                     segments.values[(h, i, steps)] = sub.loss(final, sub.target)
                 segments.naive_runs += (i + 1) * count * len(chunk)
