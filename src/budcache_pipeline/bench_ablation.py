@@ -11,6 +11,7 @@ with other noise seeds (the held-out pairs stay the same).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
@@ -43,8 +44,8 @@ per-budget settings, and a variant that names its starts uses them at every budg
 CALIBRATION_SET_SEED_STRIDE = 1000
 """Calibration set k uses the default set's prompts with their noise seeds shifted by k times this."""
 _SEARCH_KEYS = (*(f.name for f in fields(SearchConfig)), *TIGHT_KEYS, BUDGET_SETTINGS_KEY)
-COLUMNS = ["budget", "seed", "calibration_set", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro", "calibration_rollouts",
-           "search_seconds", "mask"]
+COLUMNS = ["budget", "seed", "calibration_set", "variant", "calibration_mse", "holdout_mse", "holdout_vs_kedro",
+           "calibration_rollouts", "search_seconds", "mask"]
 
 
 def kedro_search_options(project_root: Path, env: str | None = None) -> tuple[dict[str, Any], str]:
@@ -114,24 +115,21 @@ def bench_ablation(
     holdout = MaskObjective(adapter, reference(holdout_pairs), forecast=forecast)
     everything = {"kedro": dict(kedro_options), **{n: _variant(kedro_options, o) for n, o in variants.items()}}
     rows = []
-    for budget in budgets:
-        for seed in seeds:
-            for number, calibration in enumerate(calibrations):
-                for name, chosen in everything.items():
-                    clock = time.perf_counter()
-                    config = SearchConfig.from_params({**chosen, "seed": seed}, budget, steps)
-                    result = search_policy(MaskObjective(adapter, calibration, forecast=forecast), budget, config)
-                    rows.append({"budget": budget, "seed": seed, "calibration_set": number, "variant": name,
-                                 "calibration_mse": result.loss, "holdout_mse": holdout(result.mask),
-                                 "calibration_rollouts": result.cost["calibration_rollouts"],
-                                 "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
-                    progress(f"B={budget} seed {seed} set {number} {name}: held-out {rows[-1]['holdout_mse']:.3e}, "
-                             f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
+    runs = itertools.product(budgets, seeds, enumerate(calibrations), everything.items())
+    for budget, seed, (number, calibration), (name, chosen) in runs:
+        clock = time.perf_counter()
+        config = SearchConfig.from_params({**chosen, "seed": seed}, budget, steps)
+        result = search_policy(MaskObjective(adapter, calibration, forecast=forecast), budget, config)
+        rows.append({"budget": budget, "seed": seed, "calibration_set": number, "variant": name,
+                     "calibration_mse": result.loss, "holdout_mse": holdout(result.mask),
+                     "calibration_rollouts": result.cost["calibration_rollouts"],
+                     "search_seconds": time.perf_counter() - clock, "mask": mask_key(result.mask)})
+        progress(f"B={budget} seed {seed} set {number} {name}: held-out {rows[-1]['holdout_mse']:.3e}, "
+                 f"{rows[-1]['calibration_rollouts']:.2f} calibration rollouts")
     table = pd.DataFrame(rows)
     same = ["budget", "seed", "calibration_set"]
     kedro = table[table["variant"] == "kedro"].set_index(same)["holdout_mse"]
-    same_seed = pd.MultiIndex.from_frame(table[same])
-    table["holdout_vs_kedro"] = table["holdout_mse"] / kedro.reindex(same_seed).to_numpy()
+    table["holdout_vs_kedro"] = table["holdout_mse"] / kedro.reindex(pd.MultiIndex.from_frame(table[same])).to_numpy()
     return table[COLUMNS]
 
 

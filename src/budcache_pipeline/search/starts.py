@@ -23,7 +23,12 @@ import torch
 
 from budcache_pipeline.sampling import RolloutState, rollout
 from budcache_pipeline.search.candidate_batch import stack_caches
-from budcache_pipeline.search.objective import MaskObjective, budcache_session, euler_step_plain
+from budcache_pipeline.search.objective import (
+    MaskObjective,
+    budcache_session,
+    euler_step_plain,
+    latent_mse_per_sample,
+)
 from budcache_pipeline.solvers import EulerSolver, split_state, stack_states
 
 BUILTIN_STARTS = ("dp", "dp_linear", "uniform", "front_loaded", "back_loaded", "random")
@@ -193,7 +198,7 @@ class _Segments:
     def record(self, teacher: list[torch.Tensor], edge: Edge, state: RolloutState, exact: bool) -> None:
         """Keep the segment's deviation at its end, and its state where its suffix will run."""
         j = edge[-1]
-        self.values[edge] = (state.latents.float() - teacher[j].float()).pow(2).flatten(1).mean(dim=1)
+        self.values[edge] = latent_mse_per_sample(state.latents, teacher[j])
         if exact or _is_probe(edge):
             self.resume[edge] = RolloutState(j, state.latents, {}, state.solver)
 
@@ -202,6 +207,11 @@ def _is_probe(edge: Edge) -> bool:
     """The shortest segment ending at its j, whose suffix measures how j's deviation grows to the end."""
     *previous, i, j = edge
     return i == j - 2 and (not previous or previous[0] == (i - 1 if i > 0 else -1))
+
+
+def _computed_through(i: int, steps: int) -> list[bool]:
+    """The mask that computes steps 0..i and caches the rest: every segment starting at i."""
+    return [True] * (i + 1) + [False] * (steps - i - 1)
 
 
 def _index(edge: Edge) -> Edge:
@@ -262,9 +272,9 @@ def _reuse_segments(sub: MaskObjective, exact: bool) -> _Segments:
     segments = _Segments(runs=steps * count, naive_runs=steps * count)
     with budcache_session(sub.adapter.transformer, sub.schedule) as runtime:
         for i in range(steps - 1):
-            mask = [True] * (i + 1) + [False] * (steps - i - 1)
             result = rollout(
-                sub.denoiser, runtime, sub.noise, sub.solver, mask=mask, start=sub.teacher_state(i),
+                sub.denoiser, runtime, sub.noise, sub.solver, mask=_computed_through(i, steps),
+                start=sub.teacher_state(i),
                 capture=range(i + 2, steps),
             )
             for j, state in result.states.items():
@@ -292,11 +302,10 @@ def _linear_segments(sub: MaskObjective, exact: bool) -> _Segments:
         per_forward = max(1, sub.max_rows_per_forward // rows)
         for i in range(steps - 1):
             previous = [-1] if i == 0 else list(range(i))
-            mask = [True] * (i + 1) + [False] * (steps - i - 1)
             for begin in range(0, len(previous), per_forward):
                 chunk = previous[begin:begin + per_forward]
                 result = rollout(
-                    sub.denoiser.tile(len(chunk)), runtime, sub.noise, sub.solver, mask=mask,
+                    sub.denoiser.tile(len(chunk)), runtime, sub.noise, sub.solver, mask=_computed_through(i, steps),
                     start=_slope_state(computed, chunk, i, sub.schedule, rows), capture=range(i + 2, steps),
                 )
                 for j, state in result.states.items():
